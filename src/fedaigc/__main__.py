@@ -1,0 +1,5 @@
+import sys
+
+from fedaigc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,342 @@
+"""The `fedaigc` command line. Each subcommand is a thin layer over the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedaigc.config import PRESETS
+from fedaigc.errors import UserError
+
+log = logging.getLogger("fedaigc")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, trains: bool = False, model: bool = False, data: bool = True) -> None:
+    p.add_argument(
+        "--preset",
+        default="demo",
+        metavar="NAME",
+        help=f"size of everything: {', '.join(PRESETS)} (tiny runs in seconds, demo is the README's main job, "
+        "paper is for a GPU). Default: demo",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML file overriding preset values (see docs/config.md)")
+    if data:
+        p.add_argument(
+            "--data",
+            type=Path,
+            metavar="DIR",
+            help="image folder in PACS layout DIR/<domain>/<class>/*.png (default: the preset's generated set)",
+        )
+    if model:
+        p.add_argument(
+            "--model",
+            type=Path,
+            metavar="DIR",
+            help="model directory in diffusers layout (default: the embedded pretrained model)",
+        )
+    if trains:
+        p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedaigc", description="Federated, personalized text-to-image generation on edge devices.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final lines")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "data",
+        help="render the procedural multi-style image set",
+        description="Render a PACS-like set: DIR/<domain>/<class>/*.png + manifest.json, byte-identical for the same seed.",
+    )
+    _common(p, data=False)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the images")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the preset's, 32)")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--per-class", type=int, metavar="N", help="images per (domain, class) (default: the preset's)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain the base diffusion model on all styles",
+        description="Train the base UNet on every domain with prompts that never name the style "
+        "('a picture of a star'); EMA, checkpoints (resumed), a sample grid at the end.",
+    )
+    _common(p, trains=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write (diffusers layout)")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample images from a prompt",
+        description="Sample images for a prompt with the base model (DDIM, trailing spacing, CFG).",
+    )
+    _common(p, model=True, data=False)
+    p.add_argument("--prompt", required=True, help='e.g. "a picture of a star"')
+    p.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 25)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 3)")
+    p.add_argument("--out", type=Path, required=True, metavar="PNG", help="output PNG (a grid when --n > 1)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="train/load the evaluator and score the base model or a folder of samples",
+        description="Train (or load) the evaluator CNN, report its held-out accuracy, and score "
+        "generated images: the base model's (default) or a folder in PACS layout (--samples).",
+    )
+    _common(p, model=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write evaluation.json, grids and report.md")
+    p.add_argument(
+        "--evaluator", type=Path, metavar="FILE", help="a saved evaluator (.safetensors); default: train or reuse the cached one"
+    )
+    p.add_argument(
+        "--samples", type=Path, metavar="DIR", help="generated images in PACS layout to score instead of sampling the model"
+    )
+    p.add_argument("--per-class", type=int, default=16, metavar="N", help="base-model samples per class (default: 16)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: data, base model, evaluator, samples and a report",
+        description="Run the whole pipeline that exists so far on the embedded default and write runs/demo/report.md.",
+    )
+    _common(p, model=True)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run directory (default: runs/demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _config(args, **overrides):
+    from fedaigc import config
+
+    values = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in overrides.items()}
+    return config.load(args.preset, args.config, values)
+
+
+def cmd_data(args) -> None:
+    from fedaigc.data.dataset import ImageFolder, write_dataset
+    from fedaigc.data.render import CLASSES, DOMAINS
+    from fedaigc.eval.report import save_grid
+
+    cfg = _config(args, data={"size": args.size, "seed": args.seed, "per_class": args.per_class})
+    d = cfg.data
+    write_dataset(args.out, d.per_class, d.size, d.seed)
+    folder = ImageFolder(args.out, size=d.size)
+    rows = [folder.stack([s for s in folder.samples if s.domain == dom][:: d.per_class][: len(CLASSES)]) for dom in DOMAINS]
+    grid = save_grid(rows, args.out.parent / f"{args.out.name}_preview.png", labels=list(DOMAINS))
+    print(f"wrote {len(folder)} images ({len(DOMAINS)} domains x {len(CLASSES)} classes x {d.per_class}) to {args.out}")
+    print(f"preview grid (one row per domain): {grid}")
+
+
+def cmd_pretrain(args) -> None:
+    from fedaigc import config
+    from fedaigc.data.dataset import ensure_dataset
+    from fedaigc.model.base import load_model
+    from fedaigc.model.pretrain import pretrain
+
+    cfg = _config(args, pretrain={"steps": args.steps, "seed": args.seed})
+    data = ensure_dataset(args.data, cfg)
+    out = pretrain(cfg, data, args.out, progress=not args.quiet)
+    config.save(cfg, out / "config.toml")
+    model = load_model(out)
+    grid = _class_grid(model, cfg, out / "samples.png", per_class=8)
+    print(f"model written to {out} (load with diffusers/transformers from_pretrained); samples: {grid}")
+
+
+def _class_grid(model, cfg, path: Path, per_class: int):
+    from fedaigc.data.render import CLASSES
+    from fedaigc.eval.report import save_grid
+    from fedaigc.model.sampling import generate
+
+    prompts = [f"a picture of a {c}" for c in CLASSES for _ in range(per_class)]
+    images = generate(
+        model, prompts, list(range(len(prompts))), cfg.sample.steps, cfg.sample.guidance, cfg.sample.guidance_rescale
+    )
+    return save_grid(list(images.split(per_class)), path, labels=list(CLASSES))
+
+
+def cmd_generate(args) -> None:
+    from fedaigc.eval.report import save_grid
+    from fedaigc.model.base import load_model
+    from fedaigc.model.sampling import generate
+
+    cfg = _config(args, sample={"steps": args.steps, "guidance": args.guidance})
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    model = load_model(args.model)
+    images = generate(
+        model,
+        [args.prompt] * args.n,
+        [args.seed + i for i in range(args.n)],
+        cfg.sample.steps,
+        cfg.sample.guidance,
+        cfg.sample.guidance_rescale,
+        progress=not args.quiet,
+    )
+    if args.out.suffix.lower() != ".png":
+        raise UserError(f"--out must be a .png file, got {args.out}")
+    save_grid([images], args.out, scale=1 if args.n == 1 else 3)
+    print(f"wrote {args.n} image(s) for {args.prompt!r} to {args.out}")
+
+
+def evaluate_base(args, cfg, out: Path) -> dict:
+    """Train or load the evaluator, report its held-out accuracy, and score base-model samples
+    (or a folder of samples). Returns what `evaluation.json` holds."""
+    import torch
+
+    from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
+    from fedaigc.eval.evaluator import evaluator_for
+    from fedaigc.eval.report import save_grid
+    from fedaigc.eval.scoring import heldout_accuracy, score
+    from fedaigc.model.base import load_model
+    from fedaigc.model.sampling import generate
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = ImageFolder(ensure_dataset(args.data, cfg), size=cfg.data.size)
+    train, test = split(data.samples, cfg.data.held_out, cfg.data.seed)
+    t0 = time.perf_counter()
+    evaluator = evaluator_for(data, train, cfg.evaluator, args.evaluator, progress=not args.quiet)
+    threshold = cfg.evaluator.confidence
+    result = {
+        "threshold": threshold,
+        "evaluator": heldout_accuracy(evaluator, data.stack(test), [s.domain for s in test], [s.cls for s in test], threshold),
+    }
+    result["evaluator"]["seconds"] = round(time.perf_counter() - t0, 1)
+    real = data.stack(test)
+    rows, labels = [], []
+    for dom in data.domains:
+        rows.append(data.stack([s for s in test if s.domain == dom][:12]))
+        labels.append(f"real {dom}")
+    save_grid(rows, out / "real_grid.png", labels=labels)
+    if args.samples is not None:
+        gen_data = ImageFolder(args.samples, size=cfg.data.size)
+        images = gen_data.stack(gen_data.samples)
+        asked = [s.cls for s in gen_data.samples]
+        per_domain = {}
+        for dom in gen_data.domains:
+            idx = [i for i, s in enumerate(gen_data.samples) if s.domain == dom]
+            data.check_domains([dom])
+            real_dom = data.stack([s for s in test if s.domain == dom])
+            per_domain[dom] = score(evaluator, images[idx], real_dom, dom, [asked[i] for i in idx], threshold)
+        result["samples"] = {"folder": str(args.samples), "per_domain": per_domain}
+        return result
+    model = load_model(args.model)
+    classes = [c for c in evaluator.classes]
+    prompts = [f"a picture of a {c}" for c in classes for _ in range(args.per_class)]
+    t0 = time.perf_counter()
+    images = generate(
+        model,
+        prompts,
+        list(range(len(prompts))),
+        cfg.sample.steps,
+        cfg.sample.guidance,
+        cfg.sample.guidance_rescale,
+        progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - t0
+    base = score(evaluator, images, real, None, [c for c in classes for _ in range(args.per_class)], threshold)
+    base["seconds"] = round(seconds, 1)
+    base["samples"] = len(images)
+    result["base_model"] = {"model": str(args.model or "embedded default"), **base}
+    save_grid(list(images.split(args.per_class)), out / "base_grid.png", labels=classes)
+    torch.save(images, out / "base_samples.pt")
+    return result
+
+
+def cmd_evaluate(args) -> None:
+    cfg = _config(args)
+    result = evaluate_base(args, cfg, args.out)
+    (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    ev = result["evaluator"]
+    print(
+        f"evaluator on {ev['images']} held-out real images: domain {ev['domain_top']:.1%} "
+        f"(confident {ev['domain_confident']:.1%}), class {ev['class_top']:.1%} (confident {ev['class_confident']:.1%})"
+    )
+    if "base_model" in result:
+        b = result["base_model"]
+        print(
+            f"base model, {b['samples']} samples: class accuracy {b['class_acc']:.1%} confident "
+            f"(top guess {b['class_top']:.1%}) at threshold {result['threshold']}"
+        )
+    print(f"results: {args.out / 'evaluation.json'}")
+
+
+def cmd_demo(args) -> None:
+    from fedaigc import config
+    from fedaigc.eval.report import markdown_table
+
+    t0 = time.perf_counter()
+    cfg = _config(args)
+    args.evaluator, args.samples, args.per_class = None, None, 32
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, out / "config.toml")
+    result = evaluate_base(args, cfg, out)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    ev, b = result["evaluator"], result["base_model"]
+    shares = b["domain_shares"]
+    report = [
+        "# fedaigc demo report",
+        "",
+        f"Preset `{cfg.preset}`, model: {b['model']}, wall time {result['seconds']:.0f} s. "
+        f"A sample counts as confident at probability >= {result['threshold']}.",
+        "",
+        "## Evaluator on held-out real images",
+        "",
+        markdown_table(
+            ["images", "domain top", "domain confident", "class top", "class confident"],
+            [[ev["images"], ev["domain_top"], ev["domain_confident"], ev["class_top"], ev["class_confident"]]],
+        ),
+        "",
+        "![real images](real_grid.png)",
+        "",
+        "## Base model (prompts that never name a style)",
+        "",
+        markdown_table(
+            ["samples", "class acc (confident)", "class top guess", "evaluator-FID", "KID", "alignment"],
+            [[b["samples"], b["class_acc"], b["class_top"], b["fid"], b["kid"], b["alignment"]]],
+        ),
+        "",
+        "Styles the evaluator sees in the base samples (top guess): " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()),
+        "",
+        "![base model samples, one row per class](base_grid.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(report))
+    print(f"report: {out / 'report.md'}")
+    print(
+        f"evaluator domain acc {ev['domain_top']:.1%}, class acc {ev['class_top']:.1%}; "
+        f"base model class acc {b['class_acc']:.1%} (confident), {b['class_top']:.1%} (top guess)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"fedaigc: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

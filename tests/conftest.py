@@ -1,0 +1,32 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from fedaigc.config import preset  # noqa: E402
+from fedaigc.data.dataset import write_dataset  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FEDAIGC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_cfg):
+    d = tiny_cfg.data
+    return write_dataset(tmp_path_factory.mktemp("data") / "set", d.per_class, d.size, d.seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_cfg, tiny_data):
+    from fedaigc.model.pretrain import pretrain
+
+    return pretrain(tiny_cfg, tiny_data, tmp_path_factory.mktemp("model") / "m", progress=False)

@@ -1,0 +1,49 @@
+import torch
+
+from fedaigc.eval.evaluator import Evaluator
+from fedaigc.eval.metrics import alignment, clustering_ari, confident_accuracy, fid_kid
+
+
+def test_confident_accuracy_counts_only_confident_right_guesses():
+    probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.1, 0.9], [0.99, 0.01]])
+    r = confident_accuracy(probs, 0, threshold=0.9)
+    assert r == {"confident": 0.5, "top": 0.75}
+    r = confident_accuracy(probs, torch.tensor([0, 0, 1, 1]), threshold=0.9)
+    assert r == {"confident": 0.5, "top": 0.75}
+
+
+def test_alignment_identical_is_one_and_opposite_is_minus_one():
+    f = torch.randn(10, 8)
+    same = f[0:1].repeat(5, 1)
+    assert abs(alignment(same, same) - 1) < 1e-6
+    assert abs(alignment(same, -same) + 1) < 1e-6
+
+
+class Pooled(torch.nn.Module):
+    """A transparent feature extractor: 4x4 average colours (48 numbers)."""
+
+    num_features = 48
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_fid_kid_of_a_set_with_itself_is_zero_and_grows_with_shift():
+    torch.manual_seed(0)
+    ev = Pooled()
+    real = torch.rand(64, 3, 32, 32)
+    same = fid_kid(real, real, ev)
+    assert abs(same["fid"]) < 1e-2 and abs(same["kid"]) < 1e-3
+    other = fid_kid(real, (real * 0.3).clamp(0, 1), ev)
+    assert other["fid"] > 10 * max(same["fid"], 1e-3) and other["kid"] > same["kid"]
+
+
+def test_ari():
+    assert clustering_ari(["a", "a", "b", "b"], [1, 1, 0, 0]) == 1.0
+    assert clustering_ari(["a", "a", "b", "b"], [0, 1, 0, 1]) < 0.1
+
+
+def test_evaluator_is_a_torchmetrics_feature_extractor():
+    ev = Evaluator(["a", "b"], ["x", "y"]).eval()
+    r = fid_kid(torch.rand(16, 3, 32, 32), torch.rand(16, 3, 48, 48), ev)
+    assert r["fid"] == r["fid"] and r["kid"] == r["kid"]  # finite numbers, any input size

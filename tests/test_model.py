@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from sd_tiny import write_tiny_sd
+from transformers import AutoTokenizer, BertModel
+
+from fedaigc.errors import UserError
+from fedaigc.model.base import DEFAULT_MODEL, load_model
+from fedaigc.model.pretrain import diffusion_loss, pretrain
+from fedaigc.model.sampling import generate
+
+
+def test_model_dir_parts_load_outside_fedaigc(tiny_model_dir):
+    for name in ("model_index.json", "unet", "scheduler", "text_encoder", "tokenizer"):
+        assert (tiny_model_dir / name).exists()
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    assert unet.config.cross_attention_dim == 384
+    assert DDPMScheduler.from_pretrained(tiny_model_dir / "scheduler").config.prediction_type == "v_prediction"
+    BertModel.from_pretrained(tiny_model_dir / "text_encoder")
+    AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+
+
+def test_generation_is_deterministic_per_seed_and_batch_independent(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    a = generate(model, ["a picture of a star", "a picture of a fish"], [1, 2], num_steps=3, progress=False)
+    b = generate(model, ["a picture of a fish"], [2], num_steps=3, progress=False)
+    assert a.shape == (2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert torch.allclose(a[1], b[0], atol=1e-5)
+
+
+def test_pretraining_resumes_from_its_checkpoint(tmp_path, tiny_cfg, tiny_data):
+    cfg = tiny_cfg.__class__(**{**tiny_cfg.__dict__})
+    cfg.pretrain = tiny_cfg.pretrain.__class__(**{**tiny_cfg.pretrain.__dict__, "steps": 4, "checkpoint_every": 2})
+    straight = load_model(pretrain(cfg, tiny_data, tmp_path / "straight", progress=False))
+    cfg.pretrain.steps = 2
+    pretrain(cfg, tiny_data, tmp_path / "resumed", progress=False)
+    cfg.pretrain.steps = 4
+    resumed = load_model(pretrain(cfg, tiny_data, tmp_path / "resumed", progress=False))
+    for (n, p), (_, q) in zip(straight.unet.named_parameters(), resumed.unet.named_parameters(), strict=False):
+        assert torch.allclose(p, q, atol=1e-3), n
+    info = json.loads((tmp_path / "resumed" / "pretrain.json").read_text())
+    assert info["steps"] == 4
+
+
+def test_stable_diffusion_shaped_folder_loads_through_the_same_path(tmp_path):
+    model = load_model(write_tiny_sd(tmp_path / "sd"))
+    assert model.vae is not None and model.latent_shape == (4, 8, 8) and model.image_size == 16
+    images = generate(model, ["a picture of a star"], [0], num_steps=2, progress=False)
+    assert images.shape == (1, 3, 16, 16)
+    latents = model.to_latent(torch.rand(2, 3, 16, 16))
+    assert latents.shape == (2, 4, 8, 8)
+    loss = diffusion_loss(model, latents, model.encode_prompts(["a b", "c d"]))
+    assert torch.isfinite(loss)
+
+
+def test_not_a_model_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="model_index.json"):
+        load_model(tmp_path)
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").exists(), reason="embedded default not built")
+def test_embedded_default_ships_small_and_loads_offline():
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert size <= 10 * 2**20
+    model = load_model()
+    assert model.text_encoder.config.hidden_size == 384
