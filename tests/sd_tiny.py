@@ -60,7 +60,7 @@ def write_tiny_sd(root):
         norm_num_groups=8,
     )
     unet.save_pretrained(root / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="epsilon").save_pretrained(root / "scheduler")
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False).save_pretrained(root / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",

@@ -64,6 +64,19 @@ class EvaluatorConfig:
 
 
 @dataclass
+class ClientConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    lr: float = 3e-3
+    steps: int = 150  # local steps per round (fine-tune budget of `fedaigc finetune`)
+    batch_size: int = 32
+    text_encoder_lora: bool = True  # the paper's LoRA on the text encoder's attention too
+    convs: bool = False  # add the UNet's resnet convs to the LoRA targets
+    prompt_mode: str = "private"  # "private": style word -> private token; "plain": style word sent as is
+    samples: int = 32  # generated samples per client for every metric
+
+
+@dataclass
 class Config:
     preset: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -71,6 +84,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
 
 
 def preset(name: str) -> Config:
@@ -85,6 +99,7 @@ def preset(name: str) -> Config:
         cfg.pretrain = PretrainConfig(steps=4, batch_size=8, checkpoint_every=2, warmup=1)
         cfg.sample = SampleConfig(steps=4)
         cfg.evaluator = EvaluatorConfig(steps=30, batch_size=32)
+        cfg.client = ClientConfig(steps=3, batch_size=8, samples=4)
     elif name == "paper":
         cfg.data = DataConfig(per_class=400, size=64)
         cfg.model = ModelConfig(block_out_channels=(64, 128, 256), layers_per_block=2)

@@ -176,7 +176,10 @@ def load_model(path: Path | str | None = None, device: str | torch.device = "cpu
     try:
         unet = UNet2DConditionModel.from_pretrained(root / "unet")
         noise_scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
-        text_encoder = _component(index, "text_encoder").from_pretrained(text_dir)
+        text_cls = _component(index, "text_encoder")
+        # fedaigc's BERT encoders have no pooler (the UNet reads hidden states; pooling is ours)
+        extra_kwargs = {"add_pooling_layer": False} if text_cls is transformers.BertModel else {}
+        text_encoder = text_cls.from_pretrained(text_dir, **extra_kwargs)
         tokenizer = _component(index, "tokenizer").from_pretrained(tok_dir)
         vae_cls = _component(index, "vae")
         vae = vae_cls.from_pretrained(root / "vae") if vae_cls is not None and (root / "vae").is_dir() else None

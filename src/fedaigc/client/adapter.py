@@ -1,0 +1,135 @@
+"""LoRA adapters: attach them with peft, move them as flat tensor dicts, save and load them as
+diffusers-format safetensors (keys `unet.<module>.lora_A.weight`, `text_encoder.<module>...`).
+
+A flat dict in exactly the file's key format is what travels between client and server, so the
+same tensors that the aggregation math sees are what `UNet2DConditionModel.load_lora_adapter`
+and a pipeline's `load_lora_weights` read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+
+from fedaigc.errors import UserError
+from fedaigc.model.base import DiffusionModel
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_CONVS = ["conv1", "conv2"]  # resnet convolutions, an option beyond the paper's attention-only LoRA
+TEXT_ATTENTION = {"bert": ["query", "key", "value", "attention.output.dense"], "clip": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+
+Adapter = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 4
+    alpha: float = 4.0
+    text_encoder: bool = True  # LoRA on the text encoder's attention too, as the paper
+    convs: bool = False  # also the UNet's resnet convs
+
+    def unet_config(self) -> LoraConfig:
+        targets = UNET_ATTENTION + (UNET_CONVS if self.convs else [])
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets, init_lora_weights="gaussian")
+
+    def text_config(self, model_type: str) -> LoraConfig:
+        family = "clip" if "clip" in model_type else "bert"
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=TEXT_ATTENTION[family], init_lora_weights="gaussian")
+
+
+def attach_lora(model: DiffusionModel, spec: LoraSpec) -> DiffusionModel:
+    """Add a fresh LoRA (B = 0, so the model is unchanged) to the UNet and, if asked, the text encoder."""
+    model.unet.add_adapter(spec.unet_config())
+    if spec.text_encoder:
+        model.text_encoder.add_adapter(spec.text_config(model.text_encoder.config.model_type))
+    model.lora_spec = spec
+    return model
+
+
+def lora_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
+    parts = [model.unet] + ([model.text_encoder] if model.lora_spec.text_encoder else [])
+    return [p for part in parts for n, p in part.named_parameters() if "lora_" in n]
+
+
+def get_adapter(model: DiffusionModel) -> Adapter:
+    """The model's LoRA tensors as one flat dict in diffusers' file format (detached copies)."""
+    out = {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(model.unet).items()}
+    if model.lora_spec.text_encoder:
+        # the private token's row lives in the slot, not in the adapter: never save the embedding matrix
+        text = get_peft_model_state_dict(model.text_encoder, save_embedding_layers=False)
+        out |= {f"text_encoder.{k}": v.detach().clone() for k, v in text.items()}
+    return out
+
+
+def expected_shapes(model: DiffusionModel) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in get_adapter(model).items()}
+
+
+def check_adapter(tensors: Adapter, expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse missing, unexpected, mis-shaped or non-finite tensors, naming the first one."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise UserError(f"{source}: adapter lacks tensor {missing[0]} ({len(missing)} missing)")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise UserError(f"{source}: unexpected tensor {extra[0]} (not a LoRA of this model)")
+    for key, shape in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise UserError(f"{source}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise UserError(f"{source}: tensor {key} contains NaN or Inf")
+
+
+def set_adapter(model: DiffusionModel, tensors: Adapter, source: str = "adapter") -> None:
+    """Load LoRA tensors into the model, all or nothing: everything is checked before anything is set."""
+    check_adapter(tensors, expected_shapes(model), source)
+    unet = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
+    set_peft_model_state_dict(model.unet, unet)
+    if model.lora_spec.text_encoder:
+        text = {k.removeprefix("text_encoder."): v for k, v in tensors.items() if k.startswith("text_encoder.")}
+        set_peft_model_state_dict(model.text_encoder, text)
+
+
+def save_adapter(path: Path, tensors: Adapter, spec: LoraSpec, text_model_type: str = "bert") -> Path:
+    """Write a diffusers-format LoRA file (with peft's adapter metadata, so rank and alpha load back)."""
+    path = Path(path)
+    unet = {k.removeprefix("unet."): v.contiguous() for k, v in tensors.items() if k.startswith("unet.")}
+    text = {k.removeprefix("text_encoder."): v.contiguous() for k, v in tensors.items() if k.startswith("text_encoder.")}
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent,
+        unet_lora_layers=unet,
+        text_encoder_lora_layers=text or None,
+        weight_name=path.name,
+        unet_lora_adapter_metadata=_metadata(spec.unet_config()),
+        text_encoder_lora_adapter_metadata=_metadata(spec.text_config(text_model_type)) if text else None,
+    )
+    return path
+
+
+def _metadata(config: LoraConfig) -> dict:
+    d = config.to_dict()
+    d["target_modules"] = sorted(d["target_modules"])
+    return json.loads(json.dumps(d, default=str))
+
+
+def read_adapter_file(path: Path) -> Adapter:
+    """Read a safetensors adapter file, refusing corrupt or truncated files with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"corrupt or truncated adapter file {path}: {e}") from None
+
+
+def load_adapter_file(model: DiffusionModel, path: Path) -> None:
+    set_adapter(model, read_adapter_file(path), source=str(path))

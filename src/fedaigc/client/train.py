@@ -1,0 +1,123 @@
+"""One edge client: its images, its private token, local LoRA fine-tuning, and what it uploads.
+
+`LocalClient.train_round(adapter, slot)` is the whole client side of a federated round: start
+from what the server sent (a LoRA and a token slot; zero LoRA and a neutral slot at first),
+train a bounded number of steps on the local images, and return the `Upload`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, get_adapter, lora_parameters, set_adapter
+from fedaigc.client.tokens import PrivateToken, private_token_name, rewrite
+from fedaigc.config import ClientConfig
+from fedaigc.data.render import STYLE_WORDS
+from fedaigc.errors import UserError
+from fedaigc.model.base import DiffusionModel
+from fedaigc.model.pretrain import diffusion_loss
+
+PROMPT_MODES = ("private", "plain")
+
+
+@dataclass
+class Upload:
+    """Exactly what leaves the device after a round: tensors and counts, no text, no images."""
+
+    lora: Adapter
+    slot: torch.Tensor  # the private token's embedding (its name stays on the device)
+    num_examples: int
+    embedding: torch.Tensor  # the encoded task: pooled text-encoder output of the rewritten prompts
+    train_loss: float
+
+
+def style_prompt(style_word: str, cls: str) -> str:
+    return f"a {style_word} of a {cls}"
+
+
+class LocalClient:
+    def __init__(
+        self,
+        model: DiffusionModel,
+        images: torch.Tensor,
+        domains: list[str],
+        classes: list[str],
+        cfg: ClientConfig,
+        seed: int,
+    ):
+        """`model` is this client's own copy of the base model; `images` in [0, 1] with their
+        (domain, class) labels. Prompts name the class and the style word of the image's domain."""
+        if cfg.prompt_mode not in PROMPT_MODES:
+            raise UserError(f"unknown prompt mode {cfg.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
+        self.model, self.cfg = model, cfg
+        self.spec = LoraSpec(cfg.rank, cfg.alpha, cfg.text_encoder_lora, cfg.convs)
+        attach_lora(model, self.spec)
+        rng = np.random.default_rng(seed)
+        self.token = PrivateToken(model, private_token_name(rng)) if cfg.prompt_mode == "private" else None
+        self.images = images
+        self.prompts = [self.prompt_for(d, c) for d, c in zip(domains, classes, strict=True)]
+        self.unique_prompts = sorted(set(self.prompts))
+        self.prompt_index = torch.tensor([self.unique_prompts.index(p) for p in self.prompts])
+
+    def prompt_for(self, domain: str, cls: str) -> str:
+        """The prompt this client writes for an image, after the private rewrite if on."""
+        prompt = style_prompt(STYLE_WORDS.get(domain, domain), cls)
+        if self.token is not None:
+            prompt = rewrite(prompt, STYLE_WORDS.get(domain, domain), self.token.name)
+        return prompt
+
+    def load(self, adapter: Adapter | None, slot: torch.Tensor | None) -> None:
+        """Start from what the server sent; None keeps the fresh LoRA / neutral slot."""
+        if adapter is not None:
+            set_adapter(self.model, adapter, source="server adapter")
+        if slot is not None and self.token is not None:
+            self.token.set_slot(slot)
+
+    def fine_tune(self, steps: int, generator: torch.Generator) -> float:
+        """`steps` AdamW steps on LoRA (and the token row); returns the mean loss of the last quarter."""
+        model, cfg = self.model, self.cfg
+        groups = [{"params": lora_parameters(model)}]
+        if self.token is not None:
+            groups.append({"params": [self.token.trainable()]})
+        for p in groups[0]["params"]:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+        with torch.no_grad():
+            latents = model.to_latent(self.images)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(latents), (min(cfg.batch_size, len(latents)),), generator=generator)
+            x = latents[idx]
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
+            loss = diffusion_loss(model, x, context, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(False)
+                p.grad = None
+        tail = losses[-max(1, len(losses) // 4) :]
+        return float(np.mean(tail)) if tail else float("nan")
+
+    @torch.no_grad()
+    def task_embedding(self) -> torch.Tensor:
+        """The encoded task: mean pooled text-encoder output over this client's (rewritten) prompts,
+        weighted by how often each prompt occurs."""
+        pooled = self.model.pooled_prompts(self.unique_prompts)
+        weights = torch.bincount(self.prompt_index, minlength=len(self.unique_prompts)).float()
+        return (pooled * weights[:, None]).sum(0) / weights.sum()
+
+    def make_upload(self, train_loss: float) -> Upload:
+        slot = self.token.get_slot() if self.token is not None else torch.zeros(0)
+        return Upload(get_adapter(self.model), slot, len(self.images), self.task_embedding(), train_loss)
+
+    def train_round(self, adapter: Adapter | None, slot: torch.Tensor | None, steps: int, generator: torch.Generator) -> Upload:
+        self.load(adapter, slot)
+        return self.make_upload(self.fine_tune(steps, generator))

@@ -1,0 +1,161 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from sd_tiny import write_tiny_sd
+
+from fedaigc.client.adapter import LoraSpec, attach_lora, get_adapter, load_adapter_file, save_adapter
+from fedaigc.client.tokens import PrivateToken, rewrite
+from fedaigc.client.train import LocalClient, Upload
+from fedaigc.config import ClientConfig
+from fedaigc.data.dataset import ImageFolder
+from fedaigc.data.render import STYLE_WORDS
+from fedaigc.errors import UserError
+from fedaigc.model.base import load_model
+
+
+@pytest.fixture
+def sketch_client(tiny_model_dir, tiny_data):
+    data = ImageFolder(tiny_data)
+    own = [s for s in data.samples if s.domain == "sketch"]
+    cfg = ClientConfig(steps=3, batch_size=8)
+    model = load_model(tiny_model_dir)
+    return LocalClient(model, data.stack(own), [s.domain for s in own], [s.cls for s in own], cfg, seed=7)
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    ctx = torch.randn(2, 12, 384, generator=g)
+    with torch.no_grad():
+        return unet(x, 500, encoder_hidden_states=ctx).sample
+
+
+def test_rewrite_replaces_only_the_style_word():
+    assert rewrite("a Sketch of a sketchbook", "sketch", "<u0001>") == "a <u0001> of a sketchbook"
+
+
+def test_upload_holds_no_style_word_no_token_name_and_no_image(sketch_client):
+    upload = sketch_client.train_round(None, None, steps=2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(upload, Upload) and upload.num_examples == len(sketch_client.images)
+    assert all("<u" not in p or sketch_client.token.name in p for p in sketch_client.prompts)
+    assert not any("sketch" in p for p in sketch_client.prompts)
+    hidden = sketch_client.model.text_encoder.config.hidden_size
+    assert upload.embedding.shape == (hidden,) and upload.slot.shape == (hidden,)
+    words = set(STYLE_WORDS.values()) | {sketch_client.token.name}
+    for key, tensor in upload.lora.items():
+        assert not any(w in key for w in words), key
+        assert tensor.dim() == 2 and min(tensor.shape) <= sketch_client.spec.rank, key
+    for field in vars(upload).values():
+        assert not isinstance(field, str)
+        if isinstance(field, torch.Tensor):
+            assert field.shape[-2:] != sketch_client.images.shape[-2:]
+
+
+def test_private_embedding_differs_from_the_plain_one(tiny_model_dir, tiny_data):
+    data = ImageFolder(tiny_data)
+    own = [s for s in data.samples if s.domain == "sketch"]
+    embeddings = {}
+    for mode in ("private", "plain"):
+        client = LocalClient(
+            load_model(tiny_model_dir),
+            data.stack(own),
+            [s.domain for s in own],
+            [s.cls for s in own],
+            ClientConfig(prompt_mode=mode),
+            seed=1,
+        )
+        embeddings[mode] = client.task_embedding()
+    assert torch.nn.functional.cosine_similarity(embeddings["private"], embeddings["plain"], dim=0) < 0.999
+
+
+def test_fine_tuning_changes_lora_and_slot_but_not_the_base(sketch_client):
+    base = {n: p.clone() for n, p in sketch_client.model.unet.named_parameters() if "lora_" not in n}
+    slot0 = sketch_client.token.get_slot()
+    other_rows = sketch_client.token.embeddings.weight[: sketch_client.token.id].clone()
+    upload = sketch_client.train_round(None, None, steps=3, generator=torch.Generator().manual_seed(0))
+    assert any(v.abs().sum() > 0 for k, v in upload.lora.items() if "lora_B" in k)
+    assert not torch.equal(upload.slot, slot0)
+    assert torch.equal(sketch_client.token.embeddings.weight[: sketch_client.token.id], other_rows)
+    for n, p in sketch_client.model.unet.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n
+
+
+def test_warm_start_sets_exactly_what_the_server_sent(sketch_client):
+    sent = {k: torch.randn_like(v) * 0.01 for k, v in get_adapter(sketch_client.model).items()}
+    slot = torch.randn(sketch_client.model.text_encoder.config.hidden_size)
+    sketch_client.load(sent, slot)
+    got = get_adapter(sketch_client.model)
+    assert all(torch.equal(got[k], sent[k]) for k in sent)
+    assert torch.equal(sketch_client.token.get_slot(), slot)
+
+
+def test_adapter_file_loads_unchanged_into_plain_diffusers_and_back(sketch_client, tiny_model_dir, tmp_path):
+    upload = sketch_client.train_round(None, None, steps=3, generator=torch.Generator().manual_seed(0))
+    path = save_adapter(tmp_path / "client.safetensors", upload.lora, sketch_client.spec)
+    ours = _unet_out(sketch_client.model.unet)
+    plain = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    base_out = _unet_out(plain)
+    plain.load_lora_adapter(str(path), prefix="unet", adapter_name="client")
+    assert torch.allclose(_unet_out(plain), ours, atol=1e-6)
+    assert not torch.allclose(base_out, ours, atol=1e-4)
+    fresh = attach_lora(load_model(tiny_model_dir), sketch_client.spec)
+    load_adapter_file(fresh, path)
+    assert torch.allclose(_unet_out(fresh.unet), ours, atol=1e-6)
+    tokens = ["a picture of a star"]
+    assert torch.allclose(fresh.encode_prompts(tokens), sketch_client.model.encode_prompts(tokens), atol=1e-6)
+
+
+def test_sd_pipeline_load_lora_weights_and_textual_inversion(tmp_path):
+    root = write_tiny_sd(tmp_path / "sd")
+    model = attach_lora(load_model(root), LoraSpec(rank=2, alpha=2))
+    token = PrivateToken(model, "<u00ff>")
+    token.set_slot(torch.randn(32))
+    with torch.no_grad():
+        for k, p in model.unet.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0, 0.1)
+    path = save_adapter(tmp_path / "lora.safetensors", get_adapter(model), model.lora_spec, "clip_text_model")
+    token.save(tmp_path / "learned_embeds.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(path))
+    pipe.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(
+            pipe.unet(x, 10, encoder_hidden_states=ctx).sample, model.unet(x, 10, encoder_hidden_states=ctx).sample, atol=1e-5
+        )
+    tid = pipe.tokenizer.convert_tokens_to_ids("<u00ff>")
+    assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[tid], token.get_slot())
+
+
+def test_bad_adapter_files_are_refused_and_nothing_is_half_loaded(sketch_client, tmp_path):
+    good = get_adapter(sketch_client.model)
+    before = _unet_out(sketch_client.model.unet)
+    path = save_adapter(tmp_path / "good.safetensors", {k: v + 0.01 for k, v in good.items()}, sketch_client.spec)
+    raw = path.read_bytes()
+    cases = {}
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    cases["trunc.safetensors"] = "corrupt or truncated"
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    cases["junk.safetensors"] = "corrupt or truncated"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[-1]
+    bad = dict(tensors)
+    bad[first] = torch.zeros(3, 3)
+    save_file(bad, str(tmp_path / "shape.safetensors"))
+    cases["shape.safetensors"] = f"tensor {first} has shape"
+    bad = dict(tensors)
+    bad[first] = tensors[first].clone()
+    bad[first].view(-1)[0] = float("nan")
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    cases["nan.safetensors"] = f"tensor {first} contains NaN"
+    bad = {k: v for k, v in tensors.items() if k != first}
+    save_file(bad, str(tmp_path / "missing.safetensors"))
+    cases["missing.safetensors"] = f"lacks tensor {first}"
+    for name, message in cases.items():
+        with pytest.raises(UserError, match=message) as err:
+            load_adapter_file(sketch_client.model, tmp_path / name)
+        assert name in str(err.value)
+        assert torch.equal(_unet_out(sketch_client.model.unet), before), f"{name} half-loaded"
