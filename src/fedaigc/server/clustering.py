@@ -1,0 +1,68 @@
+"""Clustering clients by their uploaded task embeddings (cosine geometry), with cluster ids that
+stay stable across rounds."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.metrics import silhouette_score
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cluster(
+    embeddings: np.ndarray,
+    k: int | None = None,
+    max_k: int = 8,
+    distance_threshold: float | None = None,
+    min_silhouette: float = 0.1,
+) -> np.ndarray:
+    """Labels 0..K-1 by average-linkage agglomerative clustering on cosine distance.
+
+    `k` fixes the number of clusters; else `distance_threshold` cuts the tree at that cosine
+    distance; else K is the silhouette-best in 2..max_k (1 when no split reaches `min_silhouette`).
+    """
+    x = normalize(np.asarray(embeddings, dtype=np.float64))
+    n = len(x)
+    if n == 1 or k == 1:
+        return np.zeros(n, dtype=int)
+    if k is not None:
+        return AgglomerativeClustering(n_clusters=min(k, n), metric="cosine", linkage="average").fit_predict(x)
+    if distance_threshold is not None:
+        model = AgglomerativeClustering(
+            n_clusters=None, distance_threshold=distance_threshold, metric="cosine", linkage="average"
+        )
+        return model.fit_predict(x)
+    best, best_score = np.zeros(n, dtype=int), min_silhouette
+    for kk in range(2, min(max_k, n - 1) + 1):
+        labels = AgglomerativeClustering(n_clusters=kk, metric="cosine", linkage="average").fit_predict(x)
+        s = silhouette_score(x, labels, metric="cosine")
+        if s > best_score:
+            best, best_score = labels, s
+    return best
+
+
+def centroids(embeddings: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Normalized (example-weighted) mean embedding of each cluster."""
+    x = normalize(np.asarray(embeddings, dtype=np.float64))
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return {int(c): normalize((x[labels == c] * w[labels == c, None]).sum(0)) for c in np.unique(labels)}
+
+
+def match_ids(previous: dict[int, np.ndarray], current: dict[int, np.ndarray]) -> dict[int, int]:
+    """Map this round's cluster labels to last round's ids by centroid similarity (Hungarian
+    matching on cosine distance); unmatched new clusters get fresh ids."""
+    if not previous:
+        return {c: c for c in current}
+    prev_ids, cur_ids = sorted(previous), sorted(current)
+    cost = 1 - np.array([[float(current[c] @ previous[p]) for p in prev_ids] for c in cur_ids])
+    rows, cols = linear_sum_assignment(cost)
+    mapping = {cur_ids[r]: prev_ids[c] for r, c in zip(rows, cols, strict=True)}
+    fresh = max(prev_ids) + 1
+    for c in cur_ids:
+        if c not in mapping:
+            mapping[c], fresh = fresh, fresh + 1
+    return mapping
