@@ -77,6 +77,25 @@ class ClientConfig:
 
 
 @dataclass
+class FederationConfig:
+    strategy: str = "cluster"  # cluster | fedavg | fedgeomed | local
+    num_clients: int = 8
+    rounds: int = 3
+    per_client: int = 64  # images per client
+    purity: float = 0.9  # share of a client's images from its dominant domain
+    dirichlet: float = 1.0  # alpha of the Dirichlet over classes
+    intra: str = "fedit"  # intra-cluster mode: fedit (average A, B) or exact (average BA, re-factor)
+    k: int = 0  # number of clusters; 0 = automatic (silhouette)
+    recluster_every: int = 1  # re-cluster every N rounds (ids stay stable)
+    tau: float = 0.1  # temperature of the DED softmax
+    use_ded: bool = True
+    use_snt: bool = True
+    max_rank: int = 0  # truncate the global stack to this rank by SVD; 0 = exact stack
+    norm_factor: float = 100.0  # reject updates whose norm exceeds this x the cluster median
+    seed: int = 0
+
+
+@dataclass
 class Config:
     preset: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -85,6 +104,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
 
 def preset(name: str) -> Config:
@@ -100,6 +120,7 @@ def preset(name: str) -> Config:
         cfg.sample = SampleConfig(steps=4)
         cfg.evaluator = EvaluatorConfig(steps=30, batch_size=32)
         cfg.client = ClientConfig(steps=3, batch_size=8, samples=4)
+        cfg.federation = FederationConfig(num_clients=4, rounds=2, per_client=16)
     elif name == "paper":
         cfg.data = DataConfig(per_class=400, size=64)
         cfg.model = ModelConfig(block_out_channels=(64, 128, 256), layers_per_block=2)
@@ -148,4 +169,18 @@ def load(preset_name: str, config_file: Path | None = None, overrides: dict | No
 
 
 def save(cfg: Config, path: Path) -> None:
-    Path(path).write_text(tomli_w.dumps(asdict(cfg)))
+    Path(path).write_text(to_toml(cfg))
+
+
+def from_run_config(run_config: dict) -> Config:
+    """The Config of a Flower run: `preset` plus an optional TOML text `config` of overrides
+    (`fedaigc federate` passes the fully resolved config this way; `flwr run` reads both from
+    `[tool.flwr.app.config]`)."""
+    values = tomllib.loads(str(run_config.get("config", "") or ""))
+    cfg = preset(str(values.pop("preset", run_config.get("preset", "demo"))))
+    _merge(cfg, values, "")
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(asdict(cfg))

@@ -61,6 +61,7 @@ class LocalClient:
         self.prompts = [self.prompt_for(d, c) for d, c in zip(domains, classes, strict=True)]
         self.unique_prompts = sorted(set(self.prompts))
         self.prompt_index = torch.tensor([self.unique_prompts.index(p) for p in self.prompts])
+        self.initial = (get_adapter(model), self.token.get_slot() if self.token is not None else None)
 
     def prompt_for(self, domain: str, cls: str) -> str:
         """The prompt this client writes for an image, after the private rewrite if on."""
@@ -70,11 +71,10 @@ class LocalClient:
         return prompt
 
     def load(self, adapter: Adapter | None, slot: torch.Tensor | None) -> None:
-        """Start from what the server sent; None keeps the fresh LoRA / neutral slot."""
-        if adapter is not None:
-            set_adapter(self.model, adapter, source="server adapter")
-        if slot is not None and self.token is not None:
-            self.token.set_slot(slot)
+        """Start from what the server sent; None means the initial LoRA / neutral slot."""
+        set_adapter(self.model, adapter if adapter is not None else self.initial[0], source="server adapter")
+        if self.token is not None:
+            self.token.set_slot(slot if slot is not None and slot.numel() else self.initial[1])
 
     def fine_tune(self, steps: int, generator: torch.Generator) -> float:
         """`steps` AdamW steps on LoRA (and the token row); returns the mean loss of the last quarter."""

@@ -1,0 +1,172 @@
+"""The Flower ServerApp: the training edge server. A Message-API `Strategy` that sends each node
+its own cluster's LoRA and token slot, and hands the replies to the `Aggregator`.
+
+Runs unchanged in the simulation engine (`fedaigc federate`) and under the Deployment Engine
+(`flwr run`); run config keys: `preset`, `config` (TOML overrides), `run-dir`, `data`, `model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedaigc import config
+from fedaigc.client.adapter import LoraSpec
+from fedaigc.client.train import Upload
+from fedaigc.server.rundir import RunDir, bytes_of, write_json
+from fedaigc.server.strategies import Aggregator, RoundReport
+
+log = logging.getLogger(__name__)
+
+
+class ClusterStrategy(Strategy):
+    """Sends per-node arrays (its cluster's adapter), aggregates with an `Aggregator`."""
+
+    def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
+        self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
+        self.node_client: dict[int, int] = {}
+        self.sent_bytes: dict[int, int] = {}
+        self.last_report: RoundReport | None = None
+        self.missing: list[int] = []
+
+    def identify(self, grid: Grid) -> None:
+        """Ask nodes we do not know yet which client they are (node ids change across restarts)."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.node_client]
+        if not unknown:
+            return
+        queries = [
+            Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+            if not reply.has_error():
+                self.node_client[reply.metadata.src_node_id] = int(reply.content["info"]["client-id"])
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.identify(grid)
+        messages, self.sent_bytes = [], {}
+        for node, cid in sorted(self.node_client.items(), key=lambda x: x[1]):
+            adapter, slot = self.aggregator.model_for(cid)
+            content = RecordDict(
+                {
+                    "config": ConfigRecord(
+                        {"server-round": server_round, "steps": self.cfg.client.steps, "seed": self.cfg.federation.seed}
+                    )
+                }
+            )
+            if adapter is not None:
+                content["lora"] = ArrayRecord(adapter)
+                self.sent_bytes[cid] = bytes_of(adapter)
+            if slot is not None and slot.numel():
+                content["slot"] = ArrayRecord({"slot": slot})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        uploads: dict[int, Upload] = {}
+        up_bytes = []
+        for reply in replies:
+            if reply.has_error():
+                log.warning("round %d: a node failed: %s", server_round, reply.error.reason)
+                continue
+            c = reply.content
+            m = c["metrics"]
+            cid = int(m["client-id"])
+            extra = c["extra"].to_torch_state_dict()
+            lora = c["lora"].to_torch_state_dict()
+            uploads[cid] = Upload(lora, extra["slot"], int(m["num-examples"]), extra["embedding"], float(m["train-loss"]))
+            up_bytes.append(bytes_of(lora) + bytes_of(extra))
+        if not uploads:
+            raise RuntimeError(f"round {server_round}: no client returned an update")
+        expected = set(self.node_client.values())
+        self.missing = sorted(expected - set(uploads))
+        if self.missing:
+            log.warning("round %d: no update from client(s) %s; aggregating the others", server_round, self.missing)
+        self.last_report = self.aggregator.aggregate(server_round, uploads)
+        for cid, reason in self.last_report.rejected.items():
+            log.warning("round %d: rejected the update of client %d: %s", server_round, cid, reason)
+        accepted = [u for c, u in uploads.items() if c not in self.last_report.rejected]
+        loss = sum(u.train_loss * u.num_examples for u in accepted) / max(1, sum(u.num_examples for u in accepted))
+        self.up_bytes = int(sum(up_bytes) / max(1, len(up_bytes)))
+        return None, MetricRecord({"train-loss": float(loss), "clients": len(accepted)})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation happens after the run, on the personalized adapters (see federate.py)
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        f = self.cfg.federation
+        log.info(
+            "strategy %s, %d clients, %d rounds, %d local steps, intra-cluster mode %s",
+            f.strategy,
+            f.num_clients,
+            f.rounds,
+            self.cfg.client.steps,
+            f.intra,
+        )
+
+    def run(self, grid: Grid, run: RunDir, first_round: int, num_rounds: int) -> None:
+        """The round loop (Strategy.start always begins at round 1; this one resumes)."""
+        spec = LoraSpec(self.cfg.client.rank, self.cfg.client.alpha, self.cfg.client.text_encoder_lora, self.cfg.client.convs)
+        self.summary()
+        for server_round in range(first_round, num_rounds + 1):
+            t0 = time.perf_counter()
+            replies = grid.send_and_receive(
+                self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid), timeout=self.timeout
+            )
+            _, metrics = self.aggregate_train(server_round, replies)
+            report = self.last_report
+            entry = {
+                "round": server_round,
+                "train_loss": metrics["train-loss"],
+                "clusters": {str(c): k for c, k in report.clusters.items()},
+                "bytes_up": self.up_bytes,
+                "bytes_down": int(sum(self.sent_bytes.values()) / max(1, len(self.sent_bytes))),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "missing": self.missing,
+                "rejected": {str(c): r for c, r in report.rejected.items()},
+                "fedit_error": report.fedit_error,
+                "coefficients": {str(k): v for k, v in report.coefficients.items()},
+                "ded": {str(k): v for k, v in report.ded.items()},
+            }
+            run.save_round(self.aggregator, entry, spec)
+            log.info(
+                "round %d/%d done in %.1f s: loss %.4f, clusters %s",
+                server_round,
+                num_rounds,
+                entry["seconds"],
+                entry["train_loss"],
+                entry["clusters"],
+            )
+
+
+def make_server_app(extra_run_config: dict | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = {**context.run_config, **(extra_run_config or {})}
+        cfg = config.from_run_config(run_config)
+        run = RunDir(run_config.get("run-dir") or "runs/federate")
+        config.save(cfg, run.root / "config.toml")
+        aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+        done = run.last_round()
+        if done:
+            run.restore(aggregator, done)
+            log.info("resuming %s after round %d", run.root, done)
+        metrics = run.metrics()
+        metrics["strategy"] = cfg.federation.strategy
+        write_json(run.metrics_file, metrics)
+        ClusterStrategy(cfg, aggregator).run(grid, run, done + 1, cfg.federation.rounds)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,201 @@
+"""What the training edge server does with a round's uploads, for each strategy, without Flower.
+
+An `Aggregator` keeps the server's state (cluster ids and centroids, the adapter and token slot
+each client gets next, the global adapter), turns one round's uploads into the next state, and
+serialises that state so a killed server resumes from the last finished round. The Flower
+strategy (`server_app.py`) only moves messages in and out of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedaigc.client.adapter import Adapter
+from fedaigc.client.train import Upload
+from fedaigc.config import FederationConfig
+from fedaigc.errors import UserError
+from fedaigc.server import aggregation as agg
+from fedaigc.server.clustering import centroids, cluster, match_ids
+
+STRATEGIES = ("cluster", "fedavg", "fedgeomed", "local")
+
+
+@dataclass
+class RoundReport:
+    round: int
+    clusters: dict[int, int]  # client id -> cluster id
+    rejected: dict[int, str] = field(default_factory=dict)  # client id -> reason
+    fedit_error: float = float("nan")  # mean relative error of fedit vs exact, over clusters
+    coefficients: dict[int, float] = field(default_factory=dict)  # cluster -> mean stacking coefficient
+    ded: dict[int, float] = field(default_factory=dict)
+
+
+class Aggregator:
+    def __init__(self, cfg: FederationConfig, scale: float):
+        """`scale` = alpha / rank of the clients' LoRA (ΔW = scale · B A)."""
+        if cfg.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy {cfg.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if cfg.intra not in ("fedit", "exact"):
+            raise UserError(f"unknown intra-cluster mode {cfg.intra!r}; choose fedit or exact")
+        self.cfg, self.scale = cfg, scale
+        self.assignment: dict[int, int] = {}
+        self.centroids: dict[int, np.ndarray] = {}
+        self.cluster_adapters: dict[int, Adapter] = {}
+        self.cluster_slots: dict[int, torch.Tensor] = {}
+        self.own: dict[int, tuple[Adapter, torch.Tensor]] = {}  # the `local` strategy
+        self.global_adapter: Adapter | None = None
+        self.global_scale = 1.0
+        self.reference: Adapter | None = None  # a zero adapter of the right shapes, for screening
+
+    # what each client starts the next round from -------------------------------------------
+    def model_for(self, cid: int) -> tuple[Adapter | None, torch.Tensor | None]:
+        if self.cfg.strategy == "local":
+            return self.own.get(cid, (None, None))
+        k = self.assignment.get(cid, 0 if self.cfg.strategy != "cluster" else None)
+        return self.cluster_adapters.get(k), self.cluster_slots.get(k)
+
+    # one round --------------------------------------------------------------------------------
+    def aggregate(self, server_round: int, uploads: dict[int, Upload]) -> RoundReport:
+        cids = sorted(uploads)
+        if self.reference is None and cids:
+            self.reference = {k: torch.zeros_like(v) for k, v in uploads[cids[0]].lora.items()}
+        rejected: dict[int, str] = {}
+        if self.reference is not None:
+            ok, bad = agg.screen({str(c): uploads[c].lora for c in cids}, self.reference, self.cfg.norm_factor)
+            rejected = {int(c): r for c, r in bad.items()}
+            cids = [int(c) for c in ok]
+            for c in list(cids):
+                if not (torch.isfinite(uploads[c].embedding).all() and torch.isfinite(uploads[c].slot).all()):
+                    rejected[c] = "NaN or Inf in embedding or token slot"
+                    cids.remove(c)
+        report = RoundReport(server_round, {}, rejected)
+        if not cids:
+            report.clusters = dict(self.assignment)
+            return report
+        if self.cfg.strategy == "local":
+            for c in cids:
+                self.own[c] = (uploads[c].lora, uploads[c].slot)
+                self.assignment[c] = c
+        elif self.cfg.strategy in ("fedavg", "fedgeomed"):
+            self._one_cluster(cids, uploads)
+        else:
+            self._cluster_round(server_round, cids, uploads, report)
+        report.clusters = {c: self.assignment[c] for c in sorted(self.assignment)}
+        return report
+
+    def _one_cluster(self, cids: list[int], uploads: dict[int, Upload]) -> None:
+        weights = [uploads[c].num_examples for c in cids]
+        adapters = [uploads[c].lora for c in cids]
+        merged = agg.geomed(adapters, weights) if self.cfg.strategy == "fedgeomed" else agg.average(adapters, weights)
+        self.cluster_adapters = {0: merged}
+        self.cluster_slots = {0: _weighted_mean([uploads[c].slot for c in cids], weights)}
+        self.assignment.update(dict.fromkeys(cids, 0))
+        self.global_adapter, self.global_scale = merged, self.scale
+
+    def _cluster_round(self, server_round: int, cids: list[int], uploads: dict[int, Upload], report: RoundReport) -> None:
+        emb = np.stack([uploads[c].embedding.double().numpy() for c in cids])
+        counts = np.array([uploads[c].num_examples for c in cids], dtype=float)
+        recluster = not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0
+        if recluster:
+            labels = cluster(emb, k=self.cfg.k or None)
+            mapping = match_ids(self.centroids, centroids(emb, labels, counts))
+            labels = np.array([mapping[int(x)] for x in labels])
+        else:  # keep ids; a client never seen before joins the nearest cluster
+            labels = np.array([self.assignment.get(c, self._nearest(emb[i])) for i, c in enumerate(cids)])
+        self.assignment.update({c: int(k) for c, k in zip(cids, labels, strict=True)})
+        self.centroids.update(centroids(emb, labels, counts))
+        errors = []
+        for k in sorted(set(labels.tolist())):
+            members = [c for c, lab in zip(cids, labels, strict=True) if lab == k]
+            idx = [cids.index(c) for c in members]
+            w = agg.member_weights(
+                [uploads[c].num_examples for c in members], torch.from_numpy(emb[idx]), torch.from_numpy(self.centroids[k])
+            )
+            adapters = [uploads[c].lora for c in members]
+            if self.cfg.intra == "exact":
+                self.cluster_adapters[k] = agg.exact_average(adapters, w)
+            else:
+                self.cluster_adapters[k] = agg.average(adapters, w)
+            if len(members) > 1:
+                errors.append(agg.fedit_error(adapters, w))
+            self.cluster_slots[k] = _weighted_mean([uploads[c].slot for c in members], w)
+        report.fedit_error = float(np.mean(errors)) if errors else 0.0
+        self._stack(report)
+
+    def _nearest(self, e: np.ndarray) -> int:
+        e = e / max(np.linalg.norm(e), 1e-12)
+        return max(self.centroids, key=lambda k: float(self.centroids[k] @ e))
+
+    def _stack(self, report: RoundReport) -> None:
+        """The global adapter: every cluster's adapter stacked with its DED/SNT coefficient."""
+        ks = sorted(self.cluster_adapters)
+        members = {k: [c for c, kk in self.assignment.items() if kk == k] for k in ks}
+        total = sum(len(v) for v in members.values())
+        shares = {k: len(members[k]) / total for k in ks}
+        d = agg.ded({k: torch.from_numpy(self.centroids[k]) for k in ks}, shares) if self.cfg.use_ded else None
+        s = agg.snt(self.cluster_adapters, dict.fromkeys(ks, self.scale)) if self.cfg.use_snt else None
+        coeffs = agg.stacking_coefficients(shares, d, s, self.cfg.tau)
+        self.global_adapter = agg.stack(
+            [self.cluster_adapters[k] for k in ks], [self.scale] * len(ks), [coeffs[k] for k in ks], self.cfg.max_rank or None
+        )
+        self.global_scale = 1.0
+        report.ded = d or {}
+        report.coefficients = {
+            k: float(np.mean(list(c.values()))) if isinstance(c, dict) else float(c) for k, c in coeffs.items()
+        }
+
+    # persistence -------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (for safetensors) and JSON-able metadata that `restore` turns back into this state."""
+        tensors: dict[str, torch.Tensor] = {}
+        for k, ad in self.cluster_adapters.items():
+            tensors |= {f"cluster.{k}.{name}": t for name, t in ad.items()}
+        for k, slot in self.cluster_slots.items():
+            tensors[f"slot.{k}"] = slot
+        for c, (ad, slot) in self.own.items():
+            tensors |= {f"own.{c}.{name}": t for name, t in ad.items()}
+            tensors[f"ownslot.{c}"] = slot
+        if self.global_adapter is not None:
+            tensors |= {f"global.{name}": t for name, t in self.global_adapter.items()}
+        meta = {
+            "assignment": {str(c): k for c, k in self.assignment.items()},
+            "centroids": {str(k): v.tolist() for k, v in self.centroids.items()},
+            "global_scale": self.global_scale,
+        }
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.assignment = {int(c): int(k) for c, k in meta["assignment"].items()}
+        self.centroids = {int(k): np.array(v) for k, v in meta["centroids"].items()}
+        self.global_scale = meta["global_scale"]
+        self.cluster_adapters, self.cluster_slots, self.own, self.global_adapter = {}, {}, {}, None
+        own_slots: dict[int, torch.Tensor] = {}
+        own: dict[int, Adapter] = {}
+        for key, t in tensors.items():
+            kind, rest = key.split(".", 1)
+            if kind == "cluster":
+                k, name = rest.split(".", 1)
+                self.cluster_adapters.setdefault(int(k), {})[name] = t
+            elif kind == "slot":
+                self.cluster_slots[int(rest)] = t
+            elif kind == "own":
+                c, name = rest.split(".", 1)
+                own.setdefault(int(c), {})[name] = t
+            elif kind == "ownslot":
+                own_slots[int(rest)] = t
+            elif kind == "global":
+                self.global_adapter = self.global_adapter or {}
+                self.global_adapter[rest] = t
+        self.own = {c: (ad, own_slots[c]) for c, ad in own.items()}
+        any_adapter = next(iter(self.cluster_adapters.values()), None) or next((a for a, _ in self.own.values()), None)
+        if any_adapter is not None:
+            self.reference = {k: torch.zeros_like(v) for k, v in any_adapter.items()}
+
+
+def _weighted_mean(vectors: list[torch.Tensor], weights) -> torch.Tensor:
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    w = w / w.sum()
+    return (torch.stack([v.double() for v in vectors]) * w[:, None]).sum(0).to(vectors[0].dtype)
