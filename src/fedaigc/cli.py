@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fedaigc.config import PRESETS
-from fedaigc.errors import UserError
+from fedaigc.errors import RunFailed, UserError
 
 log = logging.getLogger("fedaigc")
 
@@ -312,9 +312,9 @@ def cmd_federate(args) -> None:
     out = args.resume or args.out or Path("runs/federate")
     if args.resume and not (args.resume / "config.toml").is_file():
         raise UserError(f"nothing to resume in {args.resume} (no config.toml)")
-    run = simulate(cfg, out, args.data, args.model, resume=bool(args.resume))
+    run, data, model = simulate(cfg, out, args.data, args.model, resume=bool(args.resume))
     cfg = _config_of_run(run.root)
-    metrics = evaluate_run(cfg, run, args.data, args.model, progress=not args.quiet)
+    metrics = evaluate_run(cfg, run, data, model, progress=not args.quiet)
     mean = metrics["final"]["mean"]
     print(f"run directory: {run.root} (metrics.json, adapters/, samples/)")
     print(
@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fedaigc: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"fedaigc: run failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

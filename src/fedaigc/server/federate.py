@@ -3,6 +3,7 @@ every client's personalized adapter and write the run directory's metrics and re
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from fedaigc import config
 from fedaigc.client.client_app import build_client, make_client_app
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
-from fedaigc.errors import UserError
+from fedaigc.errors import RunFailed, UserError
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.eval.report import save_images
@@ -25,16 +26,22 @@ from fedaigc.server.strategies import Aggregator
 log = logging.getLogger(__name__)
 
 
-def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False) -> RunDir:
-    """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor."""
+def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False):
+    """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor.
+    Returns the run directory and the (data, model) it used; a resumed run keeps its own."""
     from flwr.simulation import run_simulation
 
     run = RunDir(out)
     if run.last_round() and not resume:
         raise UserError(f"{out} already holds a run (round {run.last_round()} done); pass --resume to continue it")
-    if resume and run.last_round():
-        cfg = config.load(cfg.preset, run.root / "config.toml")
+    sources = run.root / "sources.json"
+    if resume:
+        cfg = config.from_run_config({"config": (run.root / "config.toml").read_text()})
+        saved = json.loads(sources.read_text()) if sources.is_file() else {}
+        data = data or (Path(saved["data"]) if saved.get("data") else None)
+        model = model or (Path(saved["model"]) if saved.get("model") else None)
     config.save(cfg, run.root / "config.toml")
+    write_json(sources, {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""})
     run_config = {
         "preset": cfg.preset,
         "config": config.to_toml(cfg),
@@ -53,8 +60,8 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
         },
     )
     if run.last_round() < cfg.federation.rounds:
-        raise RuntimeError(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
-    return run
+        raise RunFailed(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
+    return run, data, model
 
 
 def evaluate_run(cfg: config.Config, run: RunDir, data: Path | None, model: Path | None, progress: bool = True) -> dict:

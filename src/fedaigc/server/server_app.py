@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from fedaigc import config
 from fedaigc.client.adapter import LoraSpec
 from fedaigc.client.train import Upload
+from fedaigc.errors import RunFailed
 from fedaigc.server.rundir import RunDir, bytes_of, write_json
 from fedaigc.server.strategies import Aggregator, RoundReport
 
@@ -82,7 +83,7 @@ class ClusterStrategy(Strategy):
             uploads[cid] = Upload(lora, extra["slot"], int(m["num-examples"]), extra["embedding"], float(m["train-loss"]))
             up_bytes.append(bytes_of(lora) + bytes_of(extra))
         if not uploads:
-            raise RuntimeError(f"round {server_round}: no client returned an update")
+            raise RunFailed(f"round {server_round}: no client returned an update (see the client errors above)")
         expected = set(self.node_client.values())
         self.missing = sorted(expected - set(uploads))
         if self.missing:

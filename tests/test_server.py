@@ -1,0 +1,111 @@
+"""The ServerApp's strategy against in-process ClientApps through a fake Flower grid: dropped and
+failing clients, poisoned updates, per-node arrays. (The real engines are tested in test_federate.)"""
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from fedaigc import config
+from fedaigc.client.client_app import make_client_app
+from fedaigc.server.rundir import RunDir
+from fedaigc.server.server_app import ClusterStrategy
+from fedaigc.server.strategies import Aggregator
+
+
+class FakeGrid:
+    """Delivers messages to in-process ClientApps; can drop, fail or tamper with a client's reply."""
+
+    def __init__(self, n, run_config, drop=(), fail=(), tamper=None):
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.app, self.run_config, self.n = make_client_app(), run_config, n
+        self.drop, self.fail, self.tamper = set(drop), set(fail), tamper or {}
+        self.nodes = {1000 + i: i for i in range(n)}
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            cid = self.nodes[msg.metadata.dst_node_id]
+            r = int(msg.content["config"]["server-round"]) if "server-round" in msg.content["config"] else 0
+            self.sent.append((r, cid, msg))
+            if (r, cid) in self.drop:
+                continue
+            if (r, cid) in self.fail:
+                replies.append(Message(Error(1, f"client {cid} crashed"), reply_to=msg))
+                continue
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": cid, "num-partitions": self.n},
+                          state=RecordDict(), run_config=self.run_config)
+            reply = self.app(msg, ctx)
+            if (r, cid) in self.tamper:
+                self.tamper[(r, cid)](reply.content)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_cfg, tiny_data, tiny_model_dir):
+    def make(**fed):
+        cfg = config.from_run_config({"config": config.to_toml(tiny_cfg)})
+        cfg.federation.num_clients, cfg.federation.rounds = 4, 2
+        for k, v in fed.items():
+            setattr(cfg.federation, k, v)
+        run_config = {"config": config.to_toml(cfg), "data": str(tiny_data), "model": str(tiny_model_dir)}
+        aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+        return cfg, run_config, aggregator, RunDir(tmp_path / f"run_{len(list(tmp_path.iterdir()))}")
+
+    return make
+
+
+def test_round_completes_without_the_clients_that_die_or_vanish(setup):
+    cfg, run_config, aggregator, run = setup()
+    grid = FakeGrid(4, run_config, drop={(2, 2)}, fail={(2, 1)})
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
+    rounds = json.loads(run.metrics_file.read_text())["rounds"]
+    assert rounds[0]["missing"] == [] and rounds[1]["missing"] == [1, 2]
+    assert set(rounds[1]["clusters"]) == {"0", "1", "2", "3"}  # the absent keep their cluster
+    for entry in rounds:
+        assert entry["bytes_up"] > 0 and entry["seconds"] > 0 and math.isfinite(entry["train_loss"])
+    assert rounds[1]["bytes_down"] > 0  # round 2 sends every node its cluster's adapter
+
+
+def test_each_node_gets_its_own_clusters_adapter(setup):
+    cfg, run_config, aggregator, run = setup(k=2)
+    grid = FakeGrid(4, run_config)
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
+    clusters = json.loads(run.metrics_file.read_text())["rounds"][0]["clusters"]
+    assert len(set(clusters.values())) == 2
+    sent = {cid: msg.content["lora"].to_torch_state_dict() for r, cid, msg in grid.sent if r == 2}
+    for cid, got in sent.items():
+        file = load_file(str(run.root / "adapters" / "round_001" / f"cluster_{clusters[str(cid)]}.safetensors"))
+        assert all(torch.allclose(got[k], file[k]) for k in got)
+    a, b = (next(c for c in sent if clusters[str(c)] == k) for k in set(clusters.values()))
+    assert any(not torch.equal(sent[a][k], sent[b][k]) for k in sent[a])
+
+
+def test_poisoned_updates_are_rejected_and_never_aggregated(setup):
+    cfg, run_config, aggregator, run = setup(k=1)
+
+    def nan(content):
+        arrays = content["lora"].to_torch_state_dict()
+        key = next(iter(arrays))
+        arrays[key][..., 0] = float("nan")
+        content["lora"] = ArrayRecord(arrays)
+
+    def huge(content):
+        content["lora"] = ArrayRecord({k: v * 1e4 for k, v in content["lora"].to_torch_state_dict().items()})
+
+    grid = FakeGrid(4, run_config, tamper={(1, 0): nan, (1, 3): huge})
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 1)
+    rejected = json.loads(run.metrics_file.read_text())["rounds"][0]["rejected"]
+    assert "NaN" in rejected["0"] and "median" in rejected["3"]
+    merged = aggregator.cluster_adapters[0]
+    assert all(torch.isfinite(t).all() for t in merged.values())
+    assert max(t.abs().max().item() for t in merged.values()) < 100
