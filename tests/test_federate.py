@@ -17,15 +17,34 @@ from fedaigc.cli import main
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_data, tiny_model_dir):
     out = tmp_path_factory.mktemp("fed") / "run"
-    code = main(["federate", "--preset", "tiny", "--data", str(tiny_data), "--model", str(tiny_model_dir),
-                 "--rounds", "3", "--out", str(out)])
+    code = main(
+        [
+            "federate",
+            "--preset",
+            "tiny",
+            "--data",
+            str(tiny_data),
+            "--model",
+            str(tiny_model_dir),
+            "--rounds",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_run_directory_has_what_the_spec_names(straight_run):
-    for name in ("config.toml", "metrics.json", "adapters/global.safetensors", "adapters/client_0.safetensors",
-                 "adapters/cluster_0.safetensors", "samples/client_0/0000.png"):
+    for name in (
+        "config.toml",
+        "metrics.json",
+        "adapters/global.safetensors",
+        "adapters/client_0.safetensors",
+        "adapters/cluster_0.safetensors",
+        "samples/client_0/0000.png",
+    ):
         assert (straight_run / name).exists(), name
     m = json.loads((straight_run / "metrics.json").read_text())
     assert m["strategy"] == "cluster" and [r["round"] for r in m["rounds"]] == [1, 2, 3]
@@ -45,10 +64,30 @@ def test_run_directory_has_what_the_spec_names(straight_run):
 
 def test_killed_server_resumes_to_the_same_adapters(straight_run, tmp_path, tiny_data, tiny_model_dir):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedaigc", "-q", "federate", "--preset", "tiny", "--data", str(tiny_data), "--model",
-           str(tiny_model_dir), "--rounds", "3", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedaigc",
+        "-q",
+        "federate",
+        "--preset",
+        "tiny",
+        "--data",
+        str(tiny_data),
+        "--model",
+        str(tiny_model_dir),
+        "--rounds",
+        "3",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.time() + 240
     while not (out / "rounds" / "round_001" / "state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "round 1 never finished"

@@ -41,8 +41,13 @@ class FakeGrid:
             if (r, cid) in self.fail:
                 replies.append(Message(Error(1, f"client {cid} crashed"), reply_to=msg))
                 continue
-            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": cid, "num-partitions": self.n},
-                          state=RecordDict(), run_config=self.run_config)
+            ctx = Context(
+                run_id=1,
+                node_id=msg.metadata.dst_node_id,
+                node_config={"partition-id": cid, "num-partitions": self.n},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
             reply = self.app(msg, ctx)
             if (r, cid) in self.tamper:
                 self.tamper[(r, cid)](reply.content)

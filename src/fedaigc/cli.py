@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from fedaigc.config import PRESETS
@@ -136,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the main job: data, base model, evaluator, samples and a report",
-        description="Run the whole pipeline that exists so far on the embedded default and write runs/demo/report.md.",
+        description="Federate the clients with the cluster-aware strategy and with FedAvg on the embedded default model, "
+        "score every client's samples and write runs/demo/report.md.",
     )
     _common(p, model=True)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run directory (default: runs/demo)")
@@ -217,73 +217,11 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.n} image(s) for {args.prompt!r} to {args.out}")
 
 
-def evaluate_base(args, cfg, out: Path) -> dict:
-    """Train or load the evaluator, report its held-out accuracy, and score base-model samples
-    (or a folder of samples). Returns what `evaluation.json` holds."""
-    import torch
-
-    from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
-    from fedaigc.eval.evaluator import evaluator_for
-    from fedaigc.eval.report import save_grid
-    from fedaigc.eval.scoring import heldout_accuracy, score
-    from fedaigc.model.base import load_model
-    from fedaigc.model.sampling import generate
-
-    out.mkdir(parents=True, exist_ok=True)
-    data = ImageFolder(ensure_dataset(args.data, cfg), size=cfg.data.size)
-    train, test = split(data.samples, cfg.data.held_out, cfg.data.seed)
-    t0 = time.perf_counter()
-    evaluator = evaluator_for(data, train, cfg.evaluator, args.evaluator, progress=not args.quiet)
-    threshold = cfg.evaluator.confidence
-    result = {
-        "threshold": threshold,
-        "evaluator": heldout_accuracy(evaluator, data.stack(test), [s.domain for s in test], [s.cls for s in test], threshold),
-    }
-    result["evaluator"]["seconds"] = round(time.perf_counter() - t0, 1)
-    real = data.stack(test)
-    rows, labels = [], []
-    for dom in data.domains:
-        rows.append(data.stack([s for s in test if s.domain == dom][:12]))
-        labels.append(f"real {dom}")
-    save_grid(rows, out / "real_grid.png", labels=labels)
-    if args.samples is not None:
-        gen_data = ImageFolder(args.samples, size=cfg.data.size)
-        images = gen_data.stack(gen_data.samples)
-        asked = [s.cls for s in gen_data.samples]
-        per_domain = {}
-        for dom in gen_data.domains:
-            idx = [i for i, s in enumerate(gen_data.samples) if s.domain == dom]
-            data.check_domains([dom])
-            real_dom = data.stack([s for s in test if s.domain == dom])
-            per_domain[dom] = score(evaluator, images[idx], real_dom, dom, [asked[i] for i in idx], threshold)
-        result["samples"] = {"folder": str(args.samples), "per_domain": per_domain}
-        return result
-    model = load_model(args.model)
-    classes = [c for c in evaluator.classes]
-    prompts = [f"a picture of a {c}" for c in classes for _ in range(args.per_class)]
-    t0 = time.perf_counter()
-    images = generate(
-        model,
-        prompts,
-        list(range(len(prompts))),
-        cfg.sample.steps,
-        cfg.sample.guidance,
-        cfg.sample.guidance_rescale,
-        progress=not args.quiet,
-    )
-    seconds = time.perf_counter() - t0
-    base = score(evaluator, images, real, None, [c for c in classes for _ in range(args.per_class)], threshold)
-    base["seconds"] = round(seconds, 1)
-    base["samples"] = len(images)
-    result["base_model"] = {"model": str(args.model or "embedded default"), **base}
-    save_grid(list(images.split(args.per_class)), out / "base_grid.png", labels=classes)
-    torch.save(images, out / "base_samples.pt")
-    return result
-
-
 def cmd_evaluate(args) -> None:
     cfg = _config(args)
-    result = evaluate_base(args, cfg, args.out)
+    from fedaigc.eval.base_model import evaluate_base
+
+    result = evaluate_base(cfg, args.out, args.data, args.model, args.evaluator, args.samples, args.per_class, not args.quiet)
     (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     ev = result["evaluator"]
     print(
@@ -331,53 +269,12 @@ def _config_of_run(root: Path):
 
 
 def cmd_demo(args) -> None:
-    from fedaigc import config
-    from fedaigc.eval.report import markdown_table
+    from fedaigc.demo import headline, run_demo
 
-    t0 = time.perf_counter()
     cfg = _config(args)
-    args.evaluator, args.samples, args.per_class = None, None, 32
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(cfg, out / "config.toml")
-    result = evaluate_base(args, cfg, out)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    ev, b = result["evaluator"], result["base_model"]
-    shares = b["domain_shares"]
-    report = [
-        "# fedaigc demo report",
-        "",
-        f"Preset `{cfg.preset}`, model: {b['model']}, wall time {result['seconds']:.0f} s. "
-        f"A sample counts as confident at probability >= {result['threshold']}.",
-        "",
-        "## Evaluator on held-out real images",
-        "",
-        markdown_table(
-            ["images", "domain top", "domain confident", "class top", "class confident"],
-            [[ev["images"], ev["domain_top"], ev["domain_confident"], ev["class_top"], ev["class_confident"]]],
-        ),
-        "",
-        "![real images](real_grid.png)",
-        "",
-        "## Base model (prompts that never name a style)",
-        "",
-        markdown_table(
-            ["samples", "class acc (confident)", "class top guess", "evaluator-FID", "KID", "alignment"],
-            [[b["samples"], b["class_acc"], b["class_top"], b["fid"], b["kid"], b["alignment"]]],
-        ),
-        "",
-        "Styles the evaluator sees in the base samples (top guess): " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()),
-        "",
-        "![base model samples, one row per class](base_grid.png)",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(report))
-    print(f"report: {out / 'report.md'}")
-    print(
-        f"evaluator domain acc {ev['domain_top']:.1%}, class acc {ev['class_top']:.1%}; "
-        f"base model class acc {b['class_acc']:.1%} (confident), {b['class_top']:.1%} (top guess)"
-    )
+    summary = run_demo(cfg, args.out, args.data, args.model, progress=not args.quiet)
+    print(f"report: {args.out / 'report.md'} ({summary['seconds'] / 60:.1f} min)")
+    print(headline(summary))
 
 
 def main(argv: list[str] | None = None) -> int:

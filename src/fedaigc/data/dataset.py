@@ -49,6 +49,23 @@ def write_dataset(out: Path, per_class: int, size: int = 32, seed: int = 0, doma
     return out
 
 
+def read_image(path: Path, size: int) -> torch.Tensor:
+    """An image file as a float tensor (3, size, size) in [0, 1]; a clear error if it is corrupt."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"corrupt image {path}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def read_images(paths: list[Path], size: int) -> torch.Tensor:
+    return torch.stack([read_image(p, size) for p in paths]) if paths else torch.empty(0, 3, size, size)
+
+
 @dataclass(frozen=True)
 class Sample:
     path: Path
@@ -84,15 +101,7 @@ class ImageFolder:
     def load(self, sample: Sample) -> torch.Tensor:
         """The image as a float tensor (3, size, size) in [0, 1]."""
         if sample.path not in self._cache:
-            try:
-                with Image.open(sample.path) as im:
-                    im = im.convert("RGB")
-                    if im.size != (self.size, self.size):
-                        im = im.resize((self.size, self.size), Image.Resampling.BICUBIC)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
-                raise UserError(f"corrupt image {sample.path}: {e}") from None
-            self._cache[sample.path] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            self._cache[sample.path] = read_image(sample.path, self.size)
         return self._cache[sample.path]
 
     def stack(self, samples: list[Sample]) -> torch.Tensor:

@@ -35,9 +35,19 @@ class ClusterStrategy(Strategy):
         self.last_report: RoundReport | None = None
         self.missing: list[int] = []
 
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Wait until the configured number of clients is connected (as Flower's own strategies do)."""
+        wanted, t0 = self.cfg.federation.num_clients, time.monotonic()
+        while len(nodes := list(grid.get_node_ids())) < wanted:
+            if time.monotonic() - t0 > self.timeout:
+                raise RunFailed(f"only {len(nodes)} of {wanted} clients connected within {self.timeout:.0f} s")
+            log.info("waiting for clients: %d of %d connected", len(nodes), wanted)
+            time.sleep(1.0)
+        return nodes
+
     def identify(self, grid: Grid) -> None:
         """Ask nodes we do not know yet which client they are (node ids change across restarts)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.node_client]
+        unknown = [n for n in self.wait_for_nodes(grid) if n not in self.node_client]
         if not unknown:
             return
         queries = [

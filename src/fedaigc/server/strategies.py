@@ -165,7 +165,7 @@ class Aggregator:
             "centroids": {str(k): v.tolist() for k, v in self.centroids.items()},
             "global_scale": self.global_scale,
         }
-        return {k: v.contiguous() for k, v in tensors.items()}, meta
+        return {k: v.detach().clone().contiguous() for k, v in tensors.items()}, meta  # clones: no shared storage
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.assignment = {int(c): int(k) for c, k in meta["assignment"].items()}

@@ -1,0 +1,56 @@
+"""PNG plots for reports (matplotlib, no display needed): titled, axes labelled, with legends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def grouped_bars(
+    groups: list[str],
+    series: dict[str, list[float]],
+    title: str,
+    ylabel: str,
+    path: Path,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """One group of bars per item of `groups`, one bar per series."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2), 3.6))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, groups, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str, path: Path) -> Path:
+    """One line per series of (x, y)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
