@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 import zlib
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedaigc import config
-from fedaigc.client.train import LocalClient
-from fedaigc.data.dataset import ClientShare, ImageFolder, ensure_dataset, partition, split
-from fedaigc.model.base import load_model
+
+if TYPE_CHECKING:  # torch, diffusers and transformers load only when a client trains: the Deployment
+    from fedaigc.client.train import LocalClient  # Engine starts a process per message, and a query needs none
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ def build_client(cfg: config.Config, cid: int, num_clients: int, data_dir=None, 
     """Client `cid` of a federation: its share of the data (or, with `own_folder`, every image in
     `data_dir`: a real device's own pictures), its own model copy and private token. Everything is
     derived from the config's seeds, so the same client comes back after a restart."""
+    import torch
+
+    from fedaigc.client.train import LocalClient
+    from fedaigc.data.dataset import ClientShare, ImageFolder, ensure_dataset, partition, split
+    from fedaigc.model.base import load_model
+
     fed = cfg.federation
     folder = ImageFolder(ensure_dataset(data_dir or None, cfg), size=cfg.data.size)
     train, _ = split(folder.samples, cfg.data.held_out, cfg.data.seed)
@@ -82,6 +88,8 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        import torch
+
         client = get_client(context, run_config(context))
         content = msg.content
         cfg_rec = content["config"]
