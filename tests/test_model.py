@@ -60,7 +60,6 @@ def test_not_a_model_dir_is_a_user_error(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").exists(), reason="embedded default not built")
 def test_embedded_default_ships_small_and_loads_offline():
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     assert size <= 10 * 2**20

@@ -56,7 +56,7 @@ class SampleConfig:
 
 @dataclass
 class EvaluatorConfig:
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     confidence: float = 0.9  # a sample counts as "in style" / "right class" only above this

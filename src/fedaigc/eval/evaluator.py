@@ -46,12 +46,12 @@ class Evaluator(nn.Module):
         super().__init__()
         self.domains, self.classes = list(domains), list(classes)
         self.body = nn.Sequential(
-            _block(3, 32),
+            _block(3, 16),
+            _block(16, 32),
             _block(32, 64),
-            _block(64, 96),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(96, self.num_features),
+            nn.Linear(64, self.num_features),
             nn.ReLU(),
         )
         self.domain_head = nn.Linear(self.num_features, len(domains))
