@@ -1,7 +1,7 @@
 """One client fine-tunes its LoRA + private token for its default budget; style accuracy,
 class accuracy and evaluator-FID of its samples vs. the base model's for the same prompts.
 
-    python benchmarks/client_finetune.py --preset demo --domain sketch [--steps N] [--out DIR]
+    python benchmarks/client_finetune.py --preset demo --domain sketch [--steps 150] [--batch-size 32] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--domain", default="sketch")
-    ap.add_argument("--steps", type=int, help="local steps (default: the preset's client.steps)")
+    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps (default: 150, the one-client budget)")
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     ap.add_argument("--model", type=Path, help="base model (default: embedded)")
     ap.add_argument("--prompt-mode", default="private", choices=["private", "plain"])
     ap.add_argument("--convs", action="store_true", help="LoRA on the resnet convs too")
@@ -38,7 +39,7 @@ def main() -> None:
     cfg = preset(args.preset)
     c = cfg.client
     c.prompt_mode, c.convs, c.text_encoder_lora = args.prompt_mode, args.convs, not args.no_text_lora
-    steps = args.steps or c.steps
+    steps, c.batch_size = args.steps, args.batch_size
     data = ImageFolder(ensure_dataset(None, cfg), size=cfg.data.size)
     train, test = split(data.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(data, train, cfg.evaluator)

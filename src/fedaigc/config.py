@@ -68,8 +68,8 @@ class ClientConfig:
     rank: int = 4
     alpha: float = 4.0
     lr: float = 3e-3
-    steps: int = 150  # local steps per round (fine-tune budget of `fedaigc finetune`)
-    batch_size: int = 32
+    steps: int = 40  # local LoRA steps per federated round
+    batch_size: int = 16
     text_encoder_lora: bool = True  # the paper's LoRA on the text encoder's attention too
     convs: bool = False  # add the UNet's resnet convs to the LoRA targets
     prompt_mode: str = "private"  # "private": style word -> private token; "plain": style word sent as is

@@ -19,13 +19,19 @@ def cluster(
     max_k: int = 8,
     distance_threshold: float | None = None,
     min_silhouette: float = 0.1,
+    center: bool = True,
 ) -> np.ndarray:
     """Labels 0..K-1 by average-linkage agglomerative clustering on cosine distance.
 
     `k` fixes the number of clusters; else `distance_threshold` cuts the tree at that cosine
     distance; else K is the silhouette-best in 2..max_k (1 when no split reaches `min_silhouette`).
+    With `center`, the federation's mean embedding is subtracted first, so the clustering sees how
+    clients differ rather than what they all share.
     """
-    x = normalize(np.asarray(embeddings, dtype=np.float64))
+    x = np.asarray(embeddings, dtype=np.float64)
+    if center and len(x) > 2:
+        x = x - x.mean(0)  # drop what every client shares (the common starting slot or template)
+    x = normalize(x)
     n = len(x)
     if n == 1 or k == 1:
         return np.zeros(n, dtype=int)
