@@ -133,3 +133,14 @@ def test_clustering_recovers_planted_clusters_and_ids_stay_stable():
     assert all(mapping[perm[i]] == labels[i] for i in range(len(x)))
     one = cluster(rng.normal(size=(1, 8)))
     assert list(one) == [0]
+
+
+def test_centering_removes_what_all_clients_share():
+    """Clients start from one shared token slot: the clustering must see their differences."""
+    rng = np.random.default_rng(1)
+    common = 50 * rng.normal(size=32)
+    centers = rng.normal(size=(4, 32))
+    truth = np.repeat(np.arange(4), 2)
+    x = common + centers[truth] + 0.05 * rng.normal(size=(8, 32))
+    assert clustering_ari(truth, cluster(x)) == 1.0
+    assert clustering_ari(truth, cluster(x, center=False)) < 0.5

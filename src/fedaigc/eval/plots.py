@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def grouped_bars(
@@ -44,6 +45,7 @@ def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabe
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
