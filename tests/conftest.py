@@ -1,17 +1,15 @@
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# one fresh cache (generated data, trained evaluators) for the whole session, never the user's
+os.environ["FEDAIGC_CACHE"] = tempfile.mkdtemp(prefix="fedaigc-test-cache-")
 
 import pytest  # noqa: E402
 
 from fedaigc.config import preset  # noqa: E402
 from fedaigc.data.dataset import write_dataset  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FEDAIGC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="session")

@@ -211,10 +211,15 @@ def evaluator_for(
 
     manifest = data.root / "manifest.json"
     stamp = manifest.read_text() if manifest.is_file() else str([(s.path.name, s.domain, s.cls) for s in train])
-    cached = keyed("evaluators", "v1", stamp, len(train), cfg) / "evaluator.safetensors"
+    shapes = [tuple(p.shape) for p in Evaluator(data.domains, data.classes).parameters()]
+    cached = keyed("evaluators", stamp, len(train), cfg, shapes) / "evaluator.safetensors"
     if cached.is_file():
-        log.info("using cached evaluator %s", cached)
-        return Evaluator.load(cached)
+        try:
+            model = Evaluator.load(cached)
+            log.info("using cached evaluator %s", cached)
+            return model
+        except UserError as e:
+            log.warning("retraining the evaluator: the cached one is unusable (%s)", e)
     model = train_evaluator(data, train, cfg, progress=progress)
     model.save(cached, {"train_images": len(train), "steps": cfg.steps})
     return model
