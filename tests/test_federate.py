@@ -14,24 +14,15 @@ from safetensors.torch import load_file
 from fedaigc.cli import main
 
 
+def federate_args(out, data, model):
+    """3 rounds of the tiny preset on the test data and model."""
+    return ["federate", "--preset", "tiny", "--data", str(data), "--model", str(model), "--rounds", "3", "--out", str(out)]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_data, tiny_model_dir):
     out = tmp_path_factory.mktemp("fed") / "run"
-    code = main(
-        [
-            "federate",
-            "--preset",
-            "tiny",
-            "--data",
-            str(tiny_data),
-            "--model",
-            str(tiny_model_dir),
-            "--rounds",
-            "3",
-            "--out",
-            str(out),
-        ]
-    )
+    code = main(federate_args(out, tiny_data, tiny_model_dir))
     assert code == 0
     return out
 
@@ -69,17 +60,7 @@ def test_killed_server_resumes_to_the_same_adapters(straight_run, tmp_path, tiny
         "-m",
         "fedaigc",
         "-q",
-        "federate",
-        "--preset",
-        "tiny",
-        "--data",
-        str(tiny_data),
-        "--model",
-        str(tiny_model_dir),
-        "--rounds",
-        "3",
-        "--out",
-        str(out),
+        *federate_args(out, tiny_data, tiny_model_dir),
     ]
     proc = subprocess.Popen(
         cmd,
