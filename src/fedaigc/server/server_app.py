@@ -31,7 +31,8 @@ class ClusterStrategy(Strategy):
     def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
         self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
         self.node_client: dict[int, int] = {}
-        self.sent_bytes: dict[int, int] = {}
+        self.sent_bytes: dict[int, int] = {}  # per client, this round's download
+        self.up_bytes = 0  # mean upload per client, this round
         self.last_report: RoundReport | None = None
         self.missing: list[int] = []
 
