@@ -250,8 +250,7 @@ def cmd_federate(args) -> None:
     out = args.resume or args.out or Path("runs/federate")
     if args.resume and not (args.resume / "config.toml").is_file():
         raise UserError(f"nothing to resume in {args.resume} (no config.toml)")
-    run, data, model = simulate(cfg, out, args.data, args.model, resume=bool(args.resume))
-    cfg = _config_of_run(run.root)
+    run, cfg, data, model = simulate(cfg, out, args.data, args.model, resume=bool(args.resume))
     metrics = evaluate_run(cfg, run, data, model, progress=not args.quiet)
     mean = metrics["final"]["mean"]
     print(f"run directory: {run.root} (metrics.json, adapters/, samples/)")
@@ -259,13 +258,6 @@ def cmd_federate(args) -> None:
         f"{cfg.federation.strategy}: {len(metrics['rounds'])} rounds, clustering ARI {metrics['clustering']['ari']:.2f}, "
         f"style acc {mean['style_acc']:.1%}, class acc {mean['class_acc']:.1%}, evaluator-FID {mean['fid']:.1f}"
     )
-
-
-def _config_of_run(root: Path):
-    from fedaigc import config
-
-    text = (root / "config.toml").read_text()
-    return config.from_run_config({"config": text})
 
 
 def cmd_demo(args) -> None:

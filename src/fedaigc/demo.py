@@ -39,7 +39,7 @@ def run_demo(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
         run_cfg.federation.strategy = strategy
         run_dir = out / strategy
         resume = (run_dir / "config.toml").is_file()
-        run, _, _ = simulate(run_cfg, run_dir, data, model, resume=resume)
+        run, run_cfg, _, _ = simulate(run_cfg, run_dir, data, model, resume=resume)
         runs[strategy] = evaluate_run(run_cfg, run, data, model, progress=progress)
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),

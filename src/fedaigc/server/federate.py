@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False):
     """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor.
-    Returns the run directory and the (data, model) it used; a resumed run keeps its own."""
+    Returns the run directory and the config, data and model it ran with (a resumed run keeps its own)."""
     from flwr.simulation import run_simulation
 
     run = RunDir(out)
@@ -61,7 +61,7 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
     )
     if run.last_round() < cfg.federation.rounds:
         raise RunFailed(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
-    return run, data, model
+    return run, cfg, data, model
 
 
 def evaluate_run(cfg: config.Config, run: RunDir, data: Path | None, model: Path | None, progress: bool = True) -> dict:
