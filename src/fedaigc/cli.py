@@ -168,7 +168,9 @@ def cmd_data(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from fedaigc import config
-    from fedaigc.data.dataset import ensure_dataset
+    from fedaigc.data.dataset import ImageFolder, ensure_dataset
+    from fedaigc.eval.base_model import class_samples
+    from fedaigc.eval.report import save_grid
     from fedaigc.model.base import load_model
     from fedaigc.model.pretrain import pretrain
 
@@ -177,20 +179,9 @@ def cmd_pretrain(args) -> None:
     out = pretrain(cfg, data, args.out, progress=not args.quiet)
     config.save(cfg, out / "config.toml")
     model = load_model(out)
-    grid = _class_grid(model, cfg, out / "samples.png", per_class=8)
+    classes = ImageFolder(data, size=cfg.data.size).classes
+    grid = save_grid(list(class_samples(model, cfg, classes, 8).split(8)), out / "samples.png", labels=classes)
     print(f"model written to {out} (load with diffusers/transformers from_pretrained); samples: {grid}")
-
-
-def _class_grid(model, cfg, path: Path, per_class: int):
-    from fedaigc.data.render import CLASSES
-    from fedaigc.eval.report import save_grid
-    from fedaigc.model.sampling import generate
-
-    prompts = [f"a picture of a {c}" for c in CLASSES for _ in range(per_class)]
-    images = generate(
-        model, prompts, list(range(len(prompts))), cfg.sample.steps, cfg.sample.guidance, cfg.sample.guidance_rescale
-    )
-    return save_grid(list(images.split(per_class)), path, labels=list(CLASSES))
 
 
 def cmd_generate(args) -> None:

@@ -13,6 +13,20 @@ from fedaigc.model.base import load_model
 from fedaigc.model.sampling import generate
 
 
+def class_samples(model, cfg, classes: list[str], per_class: int, progress: bool = True):
+    """`per_class` samples of each class with a style-free prompt ("a picture of a star"), seeds 0..N-1."""
+    prompts = [f"a picture of a {c}" for c in classes for _ in range(per_class)]
+    return generate(
+        model,
+        prompts,
+        list(range(len(prompts))),
+        cfg.sample.steps,
+        cfg.sample.guidance,
+        cfg.sample.guidance_rescale,
+        progress=progress,
+    )
+
+
 def evaluate_base(
     cfg,
     out: Path,
@@ -56,17 +70,8 @@ def evaluate_base(
         return result
     model = load_model(model_dir)
     classes = list(evaluator.classes)
-    prompts = [f"a picture of a {c}" for c in classes for _ in range(per_class)]
     t0 = time.perf_counter()
-    images = generate(
-        model,
-        prompts,
-        list(range(len(prompts))),
-        cfg.sample.steps,
-        cfg.sample.guidance,
-        cfg.sample.guidance_rescale,
-        progress=progress,
-    )
+    images = class_samples(model, cfg, classes, per_class, progress)
     seconds = time.perf_counter() - t0
     base = score(evaluator, images, real, None, [c for c in classes for _ in range(per_class)], threshold)
     base["seconds"] = round(seconds, 1)

@@ -41,14 +41,9 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
         data = data or (Path(saved["data"]) if saved.get("data") else None)
         model = model or (Path(saved["model"]) if saved.get("model") else None)
     config.save(cfg, run.root / "config.toml")
-    write_json(sources, {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""})
-    run_config = {
-        "preset": cfg.preset,
-        "config": config.to_toml(cfg),
-        "run-dir": str(run.root.resolve()),
-        "data": str(Path(data).resolve()) if data else "",
-        "model": str(Path(model).resolve()) if model else "",
-    }
+    paths = {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""}
+    write_json(sources, paths)
+    run_config = {"preset": cfg.preset, "config": config.to_toml(cfg), "run-dir": str(run.root.resolve()), **paths}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
         server_app=make_server_app(run_config),

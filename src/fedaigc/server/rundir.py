@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +26,17 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+@contextmanager
+def _replaced_atomically(folder: Path):
+    """Yield an empty temporary folder; on success it replaces `folder` in one rename."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 class RunDir:
@@ -48,21 +60,12 @@ class RunDir:
         presence marks the round as finished)."""
         r = entry["round"]
         adapters = self.root / "adapters" / f"round_{r:03d}"
-        tmp = adapters.with_name(adapters.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self._write_adapters(tmp, aggregator, spec)
-        shutil.rmtree(adapters, ignore_errors=True)
-        os.replace(tmp, adapters)
-        state_dir = self.root / "rounds" / f"round_{r:03d}"
-        tmp = state_dir.with_name(state_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors, meta = aggregator.state()
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta) + "\n")
-        shutil.rmtree(state_dir, ignore_errors=True)
-        os.replace(tmp, state_dir)
+        with _replaced_atomically(adapters) as tmp:
+            self._write_adapters(tmp, aggregator, spec)
+        with _replaced_atomically(self.root / "rounds" / f"round_{r:03d}") as tmp:
+            tensors, meta = aggregator.state()
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta) + "\n")
         metrics = self.metrics()
         metrics["rounds"] = [e for e in metrics["rounds"] if e["round"] < r] + [entry]
         write_json(self.metrics_file, metrics)
