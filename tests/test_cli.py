@@ -14,7 +14,7 @@ def run(*args):
 def test_every_subcommand_has_help_that_explains_its_options():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"data", "pretrain", "generate", "evaluate", "demo"} <= set(sub.choices)
+    assert {"data", "pretrain", "generate", "serve", "evaluate", "demo"} <= set(sub.choices)
     for name, p in sub.choices.items():
         for action in p._actions:
             if action.dest != "help":

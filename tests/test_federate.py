@@ -53,6 +53,26 @@ def test_run_directory_has_what_the_spec_names(straight_run):
     assert set(final["mean"]) >= {"style_acc", "class_acc", "fid", "kid", "alignment"}
 
 
+def test_a_finished_run_is_ready_for_the_inference_server(straight_run, tiny_model_dir):
+    from fedaigc.inference.device import personal_model
+    from fedaigc.inference.mixing import ClusterMixer
+    from fedaigc.model.base import load_model
+
+    info = json.loads((straight_run / "adapters" / "clusters.json").read_text())
+    assignment = json.loads((straight_run / "metrics.json").read_text())["rounds"][-1]["clusters"]
+    assert {int(c) for k in info["clusters"].values() for c in k["members"]} == {int(c) for c in assignment}
+    mixer = ClusterMixer(load_model(tiny_model_dir), straight_run / "adapters")
+    assert [f"cluster_{k}" for k in sorted(info["clusters"], key=int)] == mixer.names[:-1] and mixer.names[-1] == "global"
+    device = personal_model(
+        tiny_model_dir,
+        straight_run / "adapters" / "client_0.safetensors",
+        straight_run / "devices" / "client_0" / "style_token.safetensors",
+    )
+    weights = mixer.request_weights(device.task_embedding())
+    own = sorted(info["clusters"], key=int).index(str(assignment["0"]))
+    assert abs(float(weights.sum()) - 1) < 1e-5 and int(weights.argmax()) == own
+
+
 def test_killed_server_resumes_to_the_same_adapters(straight_run, tmp_path, tiny_data, tiny_model_dir):
     out = tmp_path / "run"
     cmd = [

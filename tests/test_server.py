@@ -114,3 +114,24 @@ def test_poisoned_updates_are_rejected_and_never_aggregated(setup):
     merged = aggregator.cluster_adapters[0]
     assert all(torch.isfinite(t).all() for t in merged.values())
     assert max(t.abs().max().item() for t in merged.values()) < 100
+
+
+def test_flora_sends_the_growing_stack_and_a_restarted_server_resumes_it(setup):
+    cfg, run_config, aggregator, run = setup(strategy="flora")
+    cfg.client.steps = 1  # what the server asks for: keeps six rounds of four clients short
+    grid = FakeGrid(4, run_config)
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 3)
+    rounds = json.loads(run.metrics_file.read_text())["rounds"]
+    assert rounds[0]["bytes_down"] == 0 < rounds[1]["bytes_down"] and rounds[2]["bytes_down"] == 2 * rounds[1]["bytes_down"]
+    for r, _, msg in grid.sent:
+        if r >= 1:  # a fresh LoRA every round, on the merged stack of the rounds before
+            assert "lora" not in msg.content and ("merged" in msg.content) == (r > 1)
+    # a server killed after round 1 resumes from disk; the clients (cached) last merged round 3's stack
+    _, _, first, resumed = setup(strategy="flora")
+    ClusterStrategy(cfg, first).run(FakeGrid(4, run_config), resumed, 1, 1)
+    restarted = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+    resumed.restore(restarted, 1)
+    ClusterStrategy(cfg, restarted).run(FakeGrid(4, run_config), resumed, 2, 3)
+    a, b = (load_file(str(r.root / "adapters" / "global.safetensors")) for r in (run, resumed))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert torch.allclose(aggregator.model_for(0)[1], restarted.model_for(0)[1], atol=1e-5)

@@ -77,17 +77,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        help="sample images from a prompt",
-        description="Sample images for a prompt with the base model (DDIM, trailing spacing, CFG).",
+        help="sample images from a prompt, locally or with an inference edge server",
+        description="Sample images for a prompt (DDIM, trailing spacing, CFG) with the base model or your personalized "
+        "adapter and private style token. With --server, the inference edge server runs the first ceil(split*T) "
+        "steps on the prompt's encoded states (the text never leaves this machine) and this machine finishes them.",
     )
     _common(p, model=True, data=False)
-    p.add_argument("--prompt", required=True, help='e.g. "a picture of a star"')
-    p.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    p.add_argument("--prompt", required=True, help='e.g. "a picture of a star", or "a <style> of a star" with --style-token')
+    p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 25)")
+    p.add_argument("--steps", type=int, help="denoising steps T (default: the preset's, 25)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 3)")
+    p.add_argument("--adapter", type=Path, metavar="FILE", help="your LoRA (e.g. RUN/adapters/client_<id>.safetensors)")
+    p.add_argument(
+        "--style-token",
+        type=Path,
+        metavar="FILE",
+        help="your private style token (textual-inversion .safetensors, e.g. RUN/devices/client_<id>/style_token.safetensors); "
+        "it replaces <style> in the prompt",
+    )
+    p.add_argument("--server", metavar="URL", help="inference edge server (fedaigc serve), e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", metavar="T", help="bearer token for --server (default: $FEDAIGC_TOKEN)")
+    p.add_argument("--split", type=float, metavar="S", help="server's share of the steps, 0.1-0.4 (default: the preset's, 0.3)")
+    p.add_argument(
+        "--weights",
+        metavar="W0,W1,..",
+        help="explicit cluster weights for the server's steps, one per cluster (default: from your task embedding)",
+    )
     p.add_argument("--out", type=Path, required=True, metavar="PNG", help="output PNG (a grid when --n > 1)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the inference edge server (first denoising steps for every user)",
+        description="Serve POST /v1/denoise (encoded prompt states in, intermediate latent out), GET /healthz and "
+        "GET /metrics with FastAPI + uvicorn. Loads the base model and the cluster adapters + global LoRA of a run; "
+        "batches concurrent requests; every request needs a bearer token from --tokens.",
+    )
+    p.add_argument("--model", type=Path, metavar="DIR", help="model directory in diffusers layout (default: the embedded model)")
+    p.add_argument(
+        "--adapters", type=Path, metavar="DIR", help="a run's adapters folder (RUN/adapters); without it the base model serves"
+    )
+    p.add_argument("--tokens", type=Path, required=True, metavar="FILE", help="lines of '<client name> <bearer token>'")
+    p.add_argument("--new-tokens", type=int, metavar="N", help="write N fresh tokens to --tokens and exit")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--window-ms", type=float, default=10.0, help="batching window after the first waiting request (default: 10)")
+    p.add_argument("--max-batch", type=int, default=64, help="most images in one UNet batch (default: 64)")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
+    p.add_argument("--max-split", type=float, default=0.5, help="largest server share s a request may ask for (default: 0.5)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "evaluate",
@@ -118,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN after its last finished round")
     p.add_argument(
         "--strategy",
-        choices=["cluster", "fedavg", "fedgeomed", "local"],
-        help="server aggregation: cluster (ours), fedavg, fedgeomed or local (default: cluster)",
+        choices=["cluster", "fedavg", "fedgeomed", "flora", "local", "central"],
+        help="server aggregation: cluster (ours), fedavg, fedgeomed, flora (stack all clients), local (no federation) "
+        "or central (pooled data per domain, no Flower: the upper bound) (default: cluster)",
     )
     p.add_argument("--num-clients", type=int, metavar="N", help="number of clients (default: the preset's, 8 at demo)")
     p.add_argument("--rounds", type=int, metavar="R", help="federated rounds (default: the preset's)")
@@ -185,27 +225,78 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from fedaigc.eval.report import save_grid
-    from fedaigc.model.base import load_model
-    from fedaigc.model.sampling import generate
+    from fedaigc.eval.report import save_grid, to_pil
+    from fedaigc.inference.device import InferenceServer, generate, personal_model
 
-    cfg = _config(args, sample={"steps": args.steps, "guidance": args.guidance})
+    cfg = _config(args, sample={"steps": args.steps, "guidance": args.guidance, "split": args.split})
     if args.n < 1:
         raise UserError("--n must be at least 1")
-    model = load_model(args.model)
-    images = generate(
-        model,
-        [args.prompt] * args.n,
-        [args.seed + i for i in range(args.n)],
-        cfg.sample.steps,
-        cfg.sample.guidance,
-        cfg.sample.guidance_rescale,
-        progress=not args.quiet,
-    )
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {args.out}")
-    save_grid([images], args.out, scale=1 if args.n == 1 else 3)
-    print(f"wrote {args.n} image(s) for {args.prompt!r} to {args.out}")
+    server = None
+    if args.server:
+        token = args.token or os.environ.get("FEDAIGC_TOKEN")
+        if not token:
+            raise UserError("--server needs --token (or $FEDAIGC_TOKEN)")
+        if not 0 <= cfg.sample.split <= 1:
+            raise UserError(f"--split must be in [0, 1], got {cfg.sample.split}")
+        server = InferenceServer(args.server, token)
+    weights = _floats(args.weights, "--weights") if args.weights else None
+    device = personal_model(args.model, args.adapter, args.style_token)
+    prompts = [args.prompt] * args.n
+    result = generate(
+        device,
+        prompts,
+        args.seed,
+        cfg.sample.steps,
+        cfg.sample.guidance,
+        server=server,
+        split=cfg.sample.split,
+        weights=weights,
+        guidance_rescale=cfg.sample.guidance_rescale,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.n == 1:
+        to_pil(result.images[0]).save(args.out)
+    else:
+        save_grid([result.images], args.out)
+    print(f"wrote {args.n} image(s) to {args.out}")
+    if server is not None:
+        print(
+            f"server ran {result.server_steps} of {cfg.sample.steps} steps; this device {result.device_seconds:.2f} s; "
+            f"sent {server.bytes_sent} B, received {server.bytes_received} B"
+        )
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from fedaigc.inference.mixing import ClusterMixer
+    from fedaigc.inference.service import Limits, create_app, read_tokens, write_new_tokens
+    from fedaigc.model.base import load_model
+
+    if args.new_tokens:
+        path = write_new_tokens(args.tokens, args.new_tokens)
+        print(f"wrote {args.new_tokens} tokens to {path}; give each client its line's token")
+        return
+    tokens = read_tokens(args.tokens)
+    model = load_model(args.model)
+    mixer = ClusterMixer(model, args.adapters) if args.adapters else None
+    limits = Limits(
+        max_body_bytes=args.max_body_kb * 1024, max_batch=args.max_batch, window_s=args.window_ms / 1000, max_split=args.max_split
+    )
+    app = create_app(model, mixer, tokens, limits)
+    adapters = ", ".join(mixer.names) if mixer else "none (base model)"
+    log.info("serving %d client token(s); adapters: %s", len(tokens), adapters)
+    print(f"inference edge server on http://{args.host}:{args.port} (POST /v1/denoise, GET /healthz, GET /metrics)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, ws="none", log_level="warning" if args.quiet else "info")
 
 
 def cmd_evaluate(args) -> None:
@@ -269,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # per-file weight-loading bars say nothing to a user
     try:
         args.func(args)
     except UserError as e:

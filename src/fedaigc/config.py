@@ -33,6 +33,7 @@ class ModelConfig:
     layers_per_block: int = 1
     attention_head_dim: int = 8
     prompt_length: int = 12  # tokens per prompt for the embedded (MiniLM) text encoder
+    text_encoder: str = "minilm"  # "minilm": frozen all-MiniLM-L6-v2; "clip": small CLIP trained with the base
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SampleConfig:
     steps: int = 25
     guidance: float = 3.0
     guidance_rescale: float = 0.0
+    split: float = 0.3  # hybrid inference: share of the steps the inference edge server runs (0.1-0.4)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class ClientConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = "cluster"  # cluster | fedavg | fedgeomed | local
+    strategy: str = "cluster"  # cluster | fedavg | fedgeomed | flora | local | central
     num_clients: int = 8
     rounds: int = 3
     per_client: int = 64  # images per client
@@ -90,7 +92,7 @@ class FederationConfig:
     tau: float = 0.1  # temperature of the DED softmax
     use_ded: bool = True
     use_snt: bool = True
-    max_rank: int = 0  # truncate the global stack to this rank by SVD; 0 = exact stack
+    max_rank: int = 0  # truncate the global stack (cluster, flora) to this rank by SVD; 0 = exact stack
     norm_factor: float = 100.0  # reject updates whose norm exceeds this x the cluster median
     seed: int = 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 
 from fedaigc.errors import UserError
@@ -97,6 +98,47 @@ def set_adapter(model: DiffusionModel, tensors: Adapter, source: str = "adapter"
         set_peft_model_state_dict(model.text_encoder, text)
 
 
+@torch.no_grad()
+def set_base_delta(model: DiffusionModel, delta: Adapter | None, source: str = "base delta") -> None:
+    """The frozen base delta (FLoRA): base weights W = W0 + B·A for every layer of `delta`, a
+    stacked adapter of any rank with scale 1 (`aggregation.stack`); the trainable LoRA stays on
+    top, untouched. W is always recomputed from W0, the weights the model was loaded with, never
+    added to what is there, so the same delta gives the same model in a cached client and in a
+    fresh process (a resumed run). None restores W0. All or nothing, like `set_adapter`."""
+    a_suffix, b_suffix = ".lora_A.weight", ".lora_B.weight"
+    saved: dict[str, torch.Tensor] = vars(model).setdefault("_base_weights", {})
+    delta = delta or {}
+    layers = sorted(k[: -len(a_suffix)] for k in delta if k.endswith(a_suffix))
+    if set(delta) != {layer + s for layer in layers for s in (a_suffix, b_suffix)}:
+        raise UserError(f"{source}: every layer needs exactly a lora_A and a lora_B tensor")
+    weights = {layer: _base_weight(model, layer, source) for layer in set(saved) | set(layers)}
+    new: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        w = weights[layer]
+        a, b = delta[layer + a_suffix], delta[layer + b_suffix]
+        product = b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double()  # conv: (out, in·k·k)
+        if product.numel() != w.numel() or not torch.isfinite(product).all():
+            raise UserError(f"{source}: {layer} does not fit the layer's shape {tuple(w.shape)} or is not finite")
+        new[layer] = (saved.get(layer, w).double() + product.reshape(w.shape)).to(w.dtype)
+    for layer, w0 in saved.items():
+        weights[layer].copy_(w0)
+    for layer, value in new.items():
+        saved.setdefault(layer, weights[layer].detach().clone())
+        weights[layer].copy_(value)
+
+
+def _base_weight(model: DiffusionModel, layer: str, source: str) -> torch.nn.Parameter:
+    """The frozen weight under the LoRA layer `unet.<module>` or `text_encoder.<module>`."""
+    part, _, name = layer.partition(".")
+    try:
+        module = {"unet": model.unet, "text_encoder": model.text_encoder}[part].get_submodule(name)
+    except (KeyError, AttributeError):
+        module = None
+    if not isinstance(module, BaseTunerLayer):
+        raise UserError(f"{source}: {layer} is not a LoRA layer of this model")
+    return module.get_base_layer().weight
+
+
 def save_adapter(path: Path, tensors: Adapter, spec: LoraSpec, text_model_type: str = "bert") -> Path:
     """Write a diffusers-format LoRA file (with peft's adapter metadata, so rank and alpha load back)."""
     path = Path(path)
@@ -129,6 +171,24 @@ def read_adapter_file(path: Path) -> Adapter:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"corrupt or truncated adapter file {path}: {e}") from None
+
+
+def adapter_spec(path: Path) -> LoraSpec:
+    """Rank, alpha and targets of an adapter file, from the peft metadata `save_adapter` writes."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupt or unreadable adapter file {path}: {e}") from None
+    if "unet.r" not in meta:
+        raise UserError(f"{path}: no LoRA metadata for the UNet (not written by fedaigc or diffusers' save_lora_weights)")
+    return LoraSpec(
+        rank=int(meta["unet.r"]),
+        alpha=float(meta["unet.lora_alpha"]),
+        text_encoder="text_encoder.r" in meta,
+        convs=any(t in meta.get("unet.target_modules", []) for t in UNET_CONVS),
+    )
 
 
 def load_adapter_file(model: DiffusionModel, path: Path) -> None:

@@ -96,8 +96,9 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
         server_round = int(cfg_rec["server-round"])
         adapter = content["lora"].to_torch_state_dict() if "lora" in content else None
         slot = content["slot"].to_torch_state_dict()["slot"] if "slot" in content else None
+        merged = content["merged"].to_torch_state_dict() if "merged" in content else None  # FLoRA's global stack
         seed = derived_seed(cfg_rec["seed"], server_round, client_id(context))
-        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), torch.Generator().manual_seed(seed))
+        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), torch.Generator().manual_seed(seed), merged)
         reply = RecordDict(
             {
                 "lora": ArrayRecord(upload.lora),

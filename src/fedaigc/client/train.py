@@ -1,18 +1,20 @@
 """One edge client: its images, its private token, local LoRA fine-tuning, and what it uploads.
 
 `LocalClient.train_round(adapter, slot)` is the whole client side of a federated round: start
-from what the server sent (a LoRA and a token slot; zero LoRA and a neutral slot at first),
-train a bounded number of steps on the local images, and return the `Upload`.
+from what the server sent (a LoRA and a token slot; zero LoRA and a neutral slot at first; under
+FLoRA a fresh LoRA on base weights with the global stack merged in), train a bounded number of
+steps on the local images, and return the `Upload`.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, get_adapter, lora_parameters, set_adapter
+from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, get_adapter, lora_parameters, set_adapter, set_base_delta
 from fedaigc.client.tokens import PrivateToken, private_token_name, rewrite
 from fedaigc.config import ClientConfig
 from fedaigc.data.render import STYLE_WORDS
@@ -70,39 +72,40 @@ class LocalClient:
             prompt = rewrite(prompt, STYLE_WORDS.get(domain, domain), self.token.name)
         return prompt
 
-    def load(self, adapter: Adapter | None, slot: torch.Tensor | None) -> None:
-        """Start from what the server sent; None means the initial LoRA / neutral slot."""
+    def load(self, adapter: Adapter | None, slot: torch.Tensor | None, base_delta: Adapter | None = None) -> None:
+        """Start from what the server sent; None means the initial LoRA / neutral slot / the plain
+        base weights (`base_delta`: FLoRA's merged stack, see `set_base_delta`)."""
+        set_base_delta(self.model, base_delta, source="server base delta")
         set_adapter(self.model, adapter if adapter is not None else self.initial[0], source="server adapter")
         if self.token is not None:
             self.token.set_slot(slot if slot is not None and slot.numel() else self.initial[1])
 
     def fine_tune(self, steps: int, generator: torch.Generator) -> float:
-        """`steps` AdamW steps on LoRA (and the token row); returns the mean loss of the last quarter."""
+        """`steps` AdamW steps on LoRA (and the token slot); returns the mean loss of the last quarter."""
         model, cfg = self.model, self.cfg
-        groups = [{"params": lora_parameters(model)}]
-        if self.token is not None:
-            groups.append({"params": [self.token.trainable()]})
-        for p in groups[0]["params"]:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
-        with torch.no_grad():
-            latents = model.to_latent(self.images)
-        losses = []
-        for _ in range(steps):
-            idx = torch.randint(0, len(latents), (min(cfg.batch_size, len(latents)),), generator=generator)
-            x = latents[idx]
-            flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
-            loss = diffusion_loss(model, x, context, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        for group in groups:
-            for p in group["params"]:
-                p.requires_grad_(False)
-                p.grad = None
+        lora = lora_parameters(model)
+        with self.token.learnable() if self.token is not None else nullcontext() as slot:
+            lora_and_slot = lora + ([slot] if slot is not None else [])
+            for p in lora:
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(lora_and_slot, lr=cfg.lr, weight_decay=0.0)
+            with torch.no_grad():
+                latents = model.to_latent(self.images)
+            losses = []
+            for _ in range(steps):
+                idx = torch.randint(0, len(latents), (min(cfg.batch_size, len(latents)),), generator=generator)
+                x = latents[idx]
+                flip = torch.rand(len(idx), generator=generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
+                loss = diffusion_loss(model, x, context, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        for p in lora:
+            p.requires_grad_(False)
+            p.grad = None
         tail = losses[-max(1, len(losses) // 4) :]
         return float(np.mean(tail)) if tail else float("nan")
 
@@ -126,6 +129,13 @@ class LocalClient:
         slot = self.token.get_slot() if self.token is not None else torch.zeros(0)
         return Upload(get_adapter(self.model), slot, len(self.images), self.task_embedding(), train_loss)
 
-    def train_round(self, adapter: Adapter | None, slot: torch.Tensor | None, steps: int, generator: torch.Generator) -> Upload:
-        self.load(adapter, slot)
+    def train_round(
+        self,
+        adapter: Adapter | None,
+        slot: torch.Tensor | None,
+        steps: int,
+        generator: torch.Generator,
+        base_delta: Adapter | None = None,
+    ) -> Upload:
+        self.load(adapter, slot, base_delta)
         return self.make_upload(self.fine_tune(steps, generator))

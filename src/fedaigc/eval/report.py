@@ -9,6 +9,11 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One image in [0, 1] (3, H, W) as an 8-bit PIL image."""
+    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
 def save_grid(rows: list[torch.Tensor], path: Path, labels: list[str] | None = None, scale: int = 3) -> Path:
     """One row per tensor of images in [0, 1] (N, 3, H, W), upscaled `scale`x (nearest), with an
     optional label to the left of each row."""
@@ -24,8 +29,7 @@ def save_grid(rows: list[torch.Tensor], path: Path, labels: list[str] | None = N
         if labels:
             draw.text((4, r * cell[1] + cell[1] // 2 - 5), labels[r], fill="black")
         for c, img in enumerate(images):
-            arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            tile = to_pil(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
             grid.paste(tile, (label_w + c * cell[0] + 1, r * cell[1] + 1))
     grid.save(path)
     return path
@@ -37,9 +41,8 @@ def save_images(images: torch.Tensor, folder: Path, prefix: str = "") -> list[Pa
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
-        arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         p = folder / f"{prefix}{i:04d}.png"
-        Image.fromarray(arr).save(p)
+        to_pil(img).save(p)
         paths.append(p)
     return paths
 

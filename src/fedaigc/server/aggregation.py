@@ -202,6 +202,21 @@ def stacking_coefficients(
     return {k: {layer: p[k] / max(v, 1e-12) for layer, v in snt_kl[k].items()} for k in ks}
 
 
+def request_coefficients(
+    request: torch.Tensor, cluster_embeddings: dict[int, torch.Tensor], shares: dict[int, float], tau: float = 0.1
+) -> dict[int, float]:
+    """Per-request cluster weights for hybrid generation: softmax_k(log π_k − DED_k/τ) with the DED
+    taken against the request's task embedding instead of the clusters' centroid. Both sides are
+    centred on the share-weighted mean domain embedding first: every private-token slot starts
+    from the same word, so raw cosines between clusters are all above 0.9 and would mix every style."""
+    e = {k: v.double() / v.double().norm().clamp(min=1e-12) for k, v in cluster_embeddings.items()}
+    centre = sum(shares[k] * e[k] for k in e)
+    r = request.double() / request.double().norm().clamp(min=1e-12) - centre
+    r = r / r.norm().clamp(min=1e-12)
+    distance = {k: 1.0 - float(r @ ((e[k] - centre) / (e[k] - centre).norm().clamp(min=1e-12))) for k in e}
+    return stacking_coefficients(shares, distance, None, tau)  # type: ignore[return-value]
+
+
 def member_weights(num_examples: Sequence[int], embeddings: torch.Tensor, centroid: torch.Tensor) -> list[float]:
     """Intra-cluster weights ∝ examples × cosine similarity to the cluster centroid (clipped at 0;
     plain example counts if every similarity is 0)."""

@@ -18,7 +18,9 @@ from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.eval.report import save_images
 from fedaigc.eval.scoring import score
-from fedaigc.model.sampling import generate
+from fedaigc.inference.device import InferenceServer, PersonalModel
+from fedaigc.inference.device import generate as hybrid_generate
+from fedaigc.server.central import run_central
 from fedaigc.server.rundir import RunDir, write_json
 from fedaigc.server.server_app import make_server_app
 from fedaigc.server.strategies import Aggregator
@@ -27,10 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False):
-    """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor.
-    Returns the run directory and the config, data and model it ran with (a resumed run keeps its own)."""
-    from flwr.simulation import run_simulation
-
+    """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor
+    (the `central` baseline trains here, without Flower). Returns the run directory and the config,
+    data and model it ran with (a resumed run keeps its own)."""
     run = RunDir(out)
     if run.last_round() and not resume:
         raise UserError(f"{out} already holds a run (round {run.last_round()} done); pass --resume to continue it")
@@ -44,24 +45,39 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
     paths = {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""}
     write_json(sources, paths)
     run_config = {"preset": cfg.preset, "config": config.to_toml(cfg), "run-dir": str(run.root.resolve()), **paths}
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(
-        server_app=make_server_app(run_config),
-        client_app=make_client_app(run_config),
-        num_supernodes=cfg.federation.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
-        },
-    )
+    if cfg.federation.strategy == "central":
+        run_central(cfg, run, data, model)
+    else:
+        from flwr.simulation import run_simulation
+
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        run_simulation(
+            server_app=make_server_app(run_config),
+            client_app=make_client_app(run_config),
+            num_supernodes=cfg.federation.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
+            },
+        )
     if run.last_round() < cfg.federation.rounds:
         raise RunFailed(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
     return run, cfg, data, model
 
 
-def evaluate_run(cfg: config.Config, run: RunDir, data: Path | None, model: Path | None, progress: bool = True) -> dict:
+def evaluate_run(
+    cfg: config.Config,
+    run: RunDir,
+    data: Path | None,
+    model: Path | None,
+    progress: bool = True,
+    server: InferenceServer | None = None,
+    split_ratio: float = 0.3,
+) -> dict:
     """Each client generates `client.samples` images with its personalized adapter and token slot
-    (as the device would) and is scored against held-out real images of its dominant domain."""
+    (FLoRA: the global stack merged into the base, no LoRA of its own) as the device would, and
+    is scored against held-out real images of its dominant domain. With `server`, the images are
+    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps, the client the rest."""
     folder = ImageFolder(ensure_dataset(data, cfg), size=cfg.data.size)
     train, test = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(folder, train, cfg.evaluator, progress=progress)
@@ -69,23 +85,29 @@ def evaluate_run(cfg: config.Config, run: RunDir, data: Path | None, model: Path
     run.restore(aggregator, run.last_round())
     metrics = run.metrics()
     per_client, truth = {}, {}
+    device_seconds = 0.0
     n = cfg.client.samples
     classes = [folder.classes[i % len(folder.classes)] for i in range(n)]
     for cid in range(cfg.federation.num_clients):
         client = build_client(cfg, cid, cfg.federation.num_clients, data, model)
         truth[cid] = client.domain
         adapter, slot = aggregator.model_for(cid)
-        client.load(adapter, slot)
+        client.load(adapter, slot, aggregator.base_delta())
+        if client.token is not None:  # what the device keeps: in a deployment only the device has it
+            client.token.save(run.device_dir(cid) / "style_token.safetensors")
         prompts = [client.prompt_for(client.domain, c) for c in classes]
-        images = generate(
-            client.model,
+        device = PersonalModel(client.model, client.token)
+        made = hybrid_generate(
+            device,
             prompts,
-            [10_000 + i for i in range(n)],
+            10_000,
             cfg.sample.steps,
             cfg.sample.guidance,
-            cfg.sample.guidance_rescale,
-            progress=False,
+            server=server,
+            split=split_ratio,
+            guidance_rescale=cfg.sample.guidance_rescale,
         )
+        images, device_seconds = made.images, device_seconds + made.device_seconds
         save_images(images, run.root / "samples" / f"client_{cid}")
         real = folder.stack([s for s in test if s.domain == client.domain])
         s = score(evaluator, images, real, client.domain, classes, cfg.evaluator.confidence)
@@ -104,6 +126,14 @@ def evaluate_run(cfg: config.Config, run: RunDir, data: Path | None, model: Path
         "per_client": per_client,
         "threshold": cfg.evaluator.confidence,
         "samples_per_client": n,
+        "inference": {
+            "hybrid": server is not None,
+            "split": split_ratio if server is not None else 0.0,
+            "server_steps": made.server_steps,
+            "device_seconds": device_seconds,
+            "bytes_sent": server.bytes_sent if server else 0,
+            "bytes_received": server.bytes_received if server else 0,
+        },
     }
     order = sorted(truth)
     for entry in metrics["rounds"]:

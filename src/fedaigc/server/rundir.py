@@ -5,6 +5,9 @@ RUN/metrics.json                      per-round metrics (+ `final` after evaluat
 RUN/rounds/round_003/state.*          the server's whole state after round 3
 RUN/adapters/round_003/*.safetensors  that round's adapters
 RUN/adapters/{client_<id>,cluster_<k>,global}.safetensors   the latest round's (diffusers format)
+RUN/adapters/clusters.json            members, shares and domain embeddings (for the inference server)
+RUN/devices/client_<id>/style_token.safetensors   a simulated device's private token (name + slot):
+                                      in a deployment it never leaves the device
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class RunDir:
     def metrics(self) -> dict:
         return json.loads(self.metrics_file.read_text()) if self.metrics_file.is_file() else {"rounds": []}
 
+    def device_dir(self, cid: int) -> Path:
+        return self.root / "devices" / f"client_{cid}"
+
     def last_round(self) -> int:
         done = [int(p.name.split("_")[1]) for p in (self.root / "rounds").glob("round_*") if (p / "state.json").is_file()]
         return max(done, default=0)
@@ -80,6 +86,7 @@ class RunDir:
         for k, adapter in aggregator.cluster_adapters.items():
             save_adapter(folder / f"cluster_{k}.safetensors", adapter, spec)
             save_file({"slot": aggregator.cluster_slots[k].contiguous()}, str(folder / f"cluster_{k}.slot.safetensors"))
+        write_json(folder / "clusters.json", cluster_info(aggregator))
         g = aggregator.global_adapter
         if g is not None:
             rank = next(v.shape[0] for k, v in g.items() if k.endswith(".lora_A.weight"))
@@ -89,6 +96,23 @@ class RunDir:
     def restore(self, aggregator: Aggregator, r: int) -> None:
         state_dir = self.root / "rounds" / f"round_{r:03d}"
         aggregator.restore(load_file(str(state_dir / "state.safetensors")), json.loads((state_dir / "state.json").read_text()))
+
+
+def cluster_info(aggregator: Aggregator) -> dict:
+    """What the inference server needs to weight clusters per request: members, shares, domain
+    embeddings (the clustering centroids) and the DED temperature."""
+    ks = sorted(aggregator.cluster_adapters)
+    members = {k: sorted(c for c, kk in aggregator.assignment.items() if kk == k) for k in ks}
+    total = max(1, sum(len(m) for m in members.values()))
+    clusters = {
+        str(k): {
+            "members": members[k],
+            "share": len(members[k]) / total,
+            "embedding": aggregator.centroids[k].tolist() if k in aggregator.centroids else None,
+        }
+        for k in ks
+    }
+    return {"strategy": aggregator.cfg.strategy, "tau": aggregator.cfg.tau, "clusters": clusters}
 
 
 def bytes_of(tensors: dict[str, torch.Tensor]) -> int:

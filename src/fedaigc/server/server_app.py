@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from fedaigc import config
 from fedaigc.client.adapter import LoraSpec
 from fedaigc.client.train import Upload
-from fedaigc.errors import RunFailed
+from fedaigc.errors import RunFailed, UserError
 from fedaigc.server.rundir import RunDir, bytes_of, write_json
 from fedaigc.server.strategies import Aggregator, RoundReport
 
@@ -62,6 +62,7 @@ class ClusterStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.identify(grid)
         messages, self.sent_bytes = [], {}
+        merged = self.aggregator.base_delta()
         for node, cid in sorted(self.node_client.items(), key=lambda x: x[1]):
             adapter, slot = self.aggregator.model_for(cid)
             content = RecordDict(
@@ -76,6 +77,9 @@ class ClusterStrategy(Strategy):
                 self.sent_bytes[cid] = bytes_of(adapter)
             if slot is not None and slot.numel():
                 content["slot"] = ArrayRecord({"slot": slot})
+            if merged is not None:  # FLoRA: the client merges the global stack into its base weights
+                content["merged"] = ArrayRecord(merged)
+                self.sent_bytes[cid] = self.sent_bytes.get(cid, 0) + bytes_of(merged)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
@@ -166,6 +170,8 @@ def make_server_app(extra_run_config: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         run_config = {**context.run_config, **(extra_run_config or {})}
         cfg = config.from_run_config(run_config)
+        if cfg.federation.strategy == "central":
+            raise UserError("the central baseline pools the clients' data, it needs no federation: use `fedaigc federate`")
         run = RunDir(run_config.get("run-dir") or "runs/federate")
         config.save(cfg, run.root / "config.toml")
         aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)

@@ -20,7 +20,7 @@ from fedaigc.errors import UserError
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import centroids, cluster, match_ids
 
-STRATEGIES = ("cluster", "fedavg", "fedgeomed", "local")
+STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
 
 
 @dataclass
@@ -45,17 +45,22 @@ class Aggregator:
         self.centroids: dict[int, np.ndarray] = {}
         self.cluster_adapters: dict[int, Adapter] = {}
         self.cluster_slots: dict[int, torch.Tensor] = {}
-        self.own: dict[int, tuple[Adapter, torch.Tensor]] = {}  # the `local` strategy
-        self.global_adapter: Adapter | None = None
+        self.own: dict[int, tuple[Adapter, torch.Tensor]] = {}  # the `local` and `central` strategies
+        self.global_adapter: Adapter | None = None  # `flora`: the stack of every round so far
         self.global_scale = 1.0
         self.reference: Adapter | None = None  # a zero adapter of the right shapes, for screening
 
     # what each client starts the next round from -------------------------------------------
     def model_for(self, cid: int) -> tuple[Adapter | None, torch.Tensor | None]:
-        if self.cfg.strategy == "local":
+        if self.cfg.strategy in ("local", "central"):
             return self.own.get(cid, (None, None))
         k = self.assignment.get(cid, 0 if self.cfg.strategy != "cluster" else None)
-        return self.cluster_adapters.get(k), self.cluster_slots.get(k)
+        return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
+
+    def base_delta(self) -> Adapter | None:
+        """What every client merges into its base weights under its LoRA: FLoRA's global stack
+        (scale 1; rank = clients x rank x rounds), None for the other strategies."""
+        return self.global_adapter if self.cfg.strategy == "flora" else None
 
     # one round --------------------------------------------------------------------------------
     def aggregate(self, server_round: int, uploads: dict[int, Upload]) -> RoundReport:
@@ -81,6 +86,8 @@ class Aggregator:
                 self.assignment[c] = c
         elif self.cfg.strategy in ("fedavg", "fedgeomed"):
             self._one_cluster(cids, uploads)
+        elif self.cfg.strategy == "flora":
+            self._flora(cids, uploads)
         else:
             self._cluster_round(server_round, cids, uploads, report)
         report.clusters = {c: self.assignment[c] for c in sorted(self.assignment)}
@@ -94,6 +101,29 @@ class Aggregator:
         self.cluster_slots = {0: _weighted_mean([uploads[c].slot for c in cids], weights)}
         self.assignment.update(dict.fromkeys(cids, 0))
         self.global_adapter, self.global_scale = merged, self.scale
+
+    def _flora(self, cids: list[int], uploads: dict[int, Upload]) -> None:
+        """FLoRA: this round's adapters stacked exactly (weights ∝ examples), appended to the stack
+        of the earlier rounds; each client merges the whole stack and trains a fresh LoRA on it."""
+        total = sum(uploads[c].num_examples for c in cids)
+        weights = [uploads[c].num_examples / total for c in cids]
+        earlier = [self.global_adapter] if self.global_adapter is not None else []
+        self.global_adapter = agg.stack(
+            earlier + [uploads[c].lora for c in cids],
+            [1.0] * len(earlier) + [self.scale] * len(cids),
+            [1.0] * len(earlier) + weights,
+            self.cfg.max_rank or None,
+        )
+        self.global_scale = 1.0
+        self.cluster_slots = {0: _weighted_mean([uploads[c].slot for c in cids], weights)}
+        self.assignment.update(dict.fromkeys(cids, 0))
+
+    def set_pooled(self, domain: int, members: list[int], upload: Upload) -> None:
+        """`central` (no federation): every client of a domain gets the adapter and slot trained on
+        the pooled images of all of them."""
+        for c in members:
+            self.own[c] = (upload.lora, upload.slot)
+            self.assignment[c] = domain
 
     def _cluster_round(self, server_round: int, cids: list[int], uploads: dict[int, Upload], report: RoundReport) -> None:
         emb = np.stack([uploads[c].embedding.double().numpy() for c in cids])

@@ -1,0 +1,136 @@
+"""The device's side of hybrid inference: encode the prompt locally (private token included), let
+the inference edge server run the first steps, finish with the personalized LoRA.
+
+Only text-encoder states, a seed and (for per-request cluster weights) the task embedding the
+training server already knows leave the device; the prompt text and the token's name never do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import save as save_tensors
+
+from fedaigc.client.adapter import adapter_spec, attach_lora, load_adapter_file
+from fedaigc.client.tokens import PrivateToken
+from fedaigc.errors import RunFailed, UserError
+from fedaigc.inference.sampler import SplitState, finish, first_steps
+from fedaigc.model.base import DiffusionModel, load_model
+
+STYLE_PLACEHOLDER = "<style>"
+
+
+@dataclass
+class PersonalModel:
+    model: DiffusionModel
+    token: PrivateToken | None = None
+
+    def prompt(self, text: str) -> str:
+        """Write the private token where the prompt says `<style>`."""
+        if STYLE_PLACEHOLDER in text:
+            if self.token is None:
+                raise UserError(f"the prompt uses {STYLE_PLACEHOLDER} but no --style-token file was given")
+            text = text.replace(STYLE_PLACEHOLDER, self.token.name)
+        return text
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) text-encoder states, one row of cond per prompt."""
+        return self.model.encode_prompts([self.prompt(p) for p in prompts]), self.model.encode_prompts([""])
+
+    def task_embedding(self) -> torch.Tensor | None:
+        """What the training server clustered this device by: its token slot (private mode)."""
+        return self.token.get_slot().float() if self.token is not None else None
+
+
+def personal_model(model_dir: Path | None, adapter: Path | None = None, style_token: Path | None = None) -> PersonalModel:
+    """The base model with this device's adapter and private token loaded."""
+    model = load_model(model_dir)
+    if adapter is not None:
+        attach_lora(model, adapter_spec(adapter))
+        load_adapter_file(model, adapter)
+    token = PrivateToken.load(model, style_token) if style_token is not None else None
+    return PersonalModel(model, token)
+
+
+class InferenceServer:
+    """HTTP client of `fedaigc serve`; counts the bytes it moves."""
+
+    def __init__(self, url: str, token: str, timeout: float = 120.0):
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        self.bytes_sent = self.bytes_received = 0
+
+    def first_steps(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        seed: int,
+        num_steps: int,
+        split: float,
+        guidance: float,
+        guidance_rescale: float = 0.0,
+        task_embedding: torch.Tensor | None = None,
+        weights: list[float] | None = None,
+    ) -> SplitState:
+        tensors = {"cond": cond.float().contiguous(), "uncond": uncond.float().contiguous()}
+        if task_embedding is not None:
+            tensors["task_embedding"] = task_embedding.float().contiguous()
+        if weights is not None:
+            tensors["weights"] = torch.tensor(weights, dtype=torch.float32)
+        body = save_tensors(tensors)
+        params = {"seed": seed, "steps": num_steps, "split": split, "guidance": guidance, "guidance_rescale": guidance_rescale}
+        try:
+            reply = self.http.post("/v1/denoise", params=params, content=body)
+        except httpx.HTTPError as e:
+            raise RunFailed(f"inference server {self.http.base_url} unreachable: {e}") from None
+        if reply.status_code != 200:
+            try:
+                detail = reply.json().get("detail", reply.text)
+            except ValueError:
+                detail = reply.text
+            raise RunFailed(f"inference server answered {reply.status_code}: {detail}")
+        self.bytes_sent += len(body)
+        self.bytes_received += len(reply.content)
+        try:
+            return SplitState.from_bytes(reply.content)
+        except ValueError as e:
+            raise RunFailed(f"inference server sent a bad reply: {e}") from None
+
+
+@dataclass
+class HybridResult:
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+    server_steps: int
+    device_seconds: float  # encoding + the device's steps + decoding (waiting for the server excluded)
+
+
+def generate(
+    device: PersonalModel,
+    prompts: list[str],
+    seed: int,
+    num_steps: int,
+    guidance: float,
+    server: InferenceServer | None = None,
+    split: float = 0.3,
+    weights: list[float] | None = None,
+    guidance_rescale: float = 0.0,
+) -> HybridResult:
+    """One image per prompt (image i from seed + i): the first ⌈s·T⌉ steps on `server`, the rest
+    here; without a server every step runs here."""
+    t0 = time.perf_counter()
+    cond, uncond = device.encode(prompts)
+    seeds = list(range(seed, seed + len(prompts)))
+    if server is None:
+        state = first_steps(device.model, cond, uncond, seeds, num_steps, 0.0, guidance, guidance_rescale)
+        waited = 0.0
+    else:
+        t_wait = time.perf_counter()
+        emb = device.task_embedding()
+        state = server.first_steps(cond, uncond, seed, num_steps, split, guidance, guidance_rescale, emb, weights)
+        waited = time.perf_counter() - t_wait
+    images = finish(device.model, state, cond, uncond, guidance, guidance_rescale)
+    return HybridResult(images, state.step, time.perf_counter() - t0 - waited)

@@ -1,0 +1,241 @@
+"""Hybrid inference: the split sampler, per-request cluster mixtures, the service and the device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from fedaigc.cli import main
+from fedaigc.client.adapter import LoraSpec, attach_lora, expected_shapes, save_adapter, set_adapter
+from fedaigc.client.tokens import PrivateToken
+from fedaigc.inference.device import InferenceServer, generate, personal_model
+from fedaigc.inference.mixing import ClusterMixer
+from fedaigc.inference.sampler import SplitState, finish, first_steps
+from fedaigc.inference.service import Limits, create_app
+from fedaigc.model.base import load_model
+from fedaigc.model.sampling import generate as generate_local
+from fedaigc.server import aggregation as agg
+
+SPEC = LoraSpec(rank=2, alpha=2.0)
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tiny_model_dir, tmp_path_factory):
+    """A run's adapters folder with two clusters of random, clearly non-zero LoRAs, their 50/50
+    global stack, clusters.json, and one device's style token whose slot is cluster 0's embedding."""
+    out = tmp_path_factory.mktemp("run") / "adapters"
+    out.mkdir()
+    model = attach_lora(load_model(tiny_model_dir), SPEC)
+    g = torch.Generator().manual_seed(0)
+    adapters = [{k: 0.3 * torch.randn(s, generator=g) for k, s in expected_shapes(model).items()} for _ in range(2)]
+    for k, ad in enumerate(adapters):
+        save_adapter(out / f"cluster_{k}.safetensors", ad, SPEC)
+    stacked = agg.stack(adapters, [SPEC.alpha / SPEC.rank] * 2, [0.5, 0.5])
+    save_adapter(out / "global.safetensors", stacked, LoraSpec(2 * SPEC.rank, 2.0 * SPEC.rank))
+    dim = model.text_encoder.get_input_embeddings().weight.shape[1]
+    embeddings = [torch.randn(dim, generator=g) for _ in range(2)]
+    clusters = {str(k): {"members": [k], "share": 0.5, "embedding": e.tolist()} for k, e in enumerate(embeddings)}
+    (out / "clusters.json").write_text(json.dumps({"strategy": "cluster", "tau": 0.1, "clusters": clusters}))
+    device = load_model(tiny_model_dir)
+    PrivateToken(device, "<u0042>", embeddings[0]).save(out.parent / "style_token.safetensors")
+    return out
+
+
+def _unet(model, weights=None, mixer=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, *model.latent_shape), generator=g)
+    ctx = torch.randn(2, 12, model.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        if mixer is None:
+            return model.unet(x, 500, encoder_hidden_states=ctx).sample
+        with mixer.weights(weights):
+            return model.unet(x, 500, encoder_hidden_states=ctx).sample
+
+
+def test_split_run_through_bytes_equals_the_unsplit_run(tiny_model_dir, cluster_run):
+    model = attach_lora(load_model(tiny_model_dir), SPEC)
+    set_adapter(model, _file(cluster_run / "cluster_0.safetensors"))
+    prompts = ["a picture of a star", "a picture of a fish"]
+    whole = generate_local(model, prompts, [3, 4], num_steps=10, progress=False)
+    cond, uncond = model.encode_prompts(prompts), model.encode_prompts([""])
+    state = SplitState.from_bytes(first_steps(model, cond, uncond, [3, 4], 10, 0.3).to_bytes())
+    assert state.step == 3 and state.num_steps == 10
+    split = finish(model, state, cond, uncond)
+    assert (split - whole).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="split-sampler"):
+        SplitState.from_bytes(b"\x08" + bytes(20))
+
+
+def test_one_hot_request_is_the_cluster_adapter_and_half_half_is_the_stack(tiny_model_dir, cluster_run):
+    mixed = load_model(tiny_model_dir)
+    mixer = ClusterMixer(mixed, cluster_run)
+    assert mixer.names == ["cluster_0", "cluster_1", "global"]
+    own = attach_lora(load_model(tiny_model_dir), SPEC)
+    set_adapter(own, _file(cluster_run / "cluster_1.safetensors"))
+    base = _unet(load_model(tiny_model_dir))
+    one_hot = _unet(mixed, mixer.cluster_weights([0.0, 1.0]).expand(2, -1), mixer)
+    assert (one_hot - _unet(own)).abs().max() < 1e-5
+    assert (one_hot - base).abs().max() > 1e-2  # the adapters do change the output
+    half = _unet(mixed, mixer.cluster_weights([0.5, 0.5]).expand(2, -1), mixer)
+    assert (half - _unet(mixed, mixer.global_weights().expand(2, -1), mixer)).abs().max() < 1e-5
+    # one batch with a different mixture per sample = each sample run alone
+    per_sample = torch.stack([mixer.cluster_weights([1.0, 0.0]), mixer.cluster_weights([0.5, 0.5])])
+    batched = _unet(mixed, per_sample, mixer)
+    alone = _unet(mixed, mixer.cluster_weights([1.0, 0.0]).expand(2, -1), mixer)
+    assert (batched[0] - alone[0]).abs().max() < 1e-5 and (batched[1] - half[1]).abs().max() < 1e-5
+
+
+def test_request_weights_follow_the_task_embedding(tiny_model_dir, cluster_run):
+    mixer = ClusterMixer(load_model(tiny_model_dir), cluster_run)
+    e0, e1 = mixer.embeddings[0], mixer.embeddings[1]
+    w0, w1 = mixer.request_weights(e0 + 0.05 * e1), mixer.request_weights(e1)
+    assert w0[0] > 0.99 and w1[1] > 0.99 and w0[2] == 0 == w1[2]  # the global stack is not used
+    with pytest.raises(ValueError, match="task_embedding"):
+        mixer.request_weights(torch.zeros(3))
+
+
+def _file(path):
+    from fedaigc.client.adapter import read_adapter_file
+
+    return read_adapter_file(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, cluster_run, tmp_path_factory):
+    """`fedaigc serve` as a user starts it, on a random port, with a small body limit."""
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    assert main(["serve", "--tokens", str(tokens), "--new-tokens", "2"]) == 0
+    token = tokens.read_text().split()[1]
+    port = _free_port()
+    cmd = [sys.executable, "-m", "fedaigc", "serve", "--model", str(tiny_model_dir), "--adapters", str(cluster_run)]
+    cmd += ["--tokens", str(tokens), "--port", str(port), "--max-body-kb", "64", "--window-ms", "50"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"fedaigc serve did not come up:\n{proc.stdout.read()}")
+        time.sleep(0.3)
+    yield url, token
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_generate_through_the_service_at_split_0_3(service, tiny_model_dir, cluster_run, tmp_path):
+    url, token = service
+    adapter, style = cluster_run / "cluster_0.safetensors", cluster_run.parent / "style_token.safetensors"
+    args = ["generate", "--preset", "tiny", "--model", str(tiny_model_dir), "--adapter", str(adapter)]
+    args += ["--style-token", str(style), "--prompt", "a <style> of a star", "--seed", "5", "--steps", "10"]
+    assert main([*args, "--server", url, "--token", token, "--split", "0.3", "--out", str(tmp_path / "hybrid.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "local.png")]) == 0
+    hybrid = np.asarray(Image.open(tmp_path / "hybrid.png"), dtype=np.int16)
+    local = np.asarray(Image.open(tmp_path / "local.png"), dtype=np.int16)
+    assert hybrid.shape == (32, 32, 3) and hybrid.std() > 1
+    # this device's slot is cluster 0's domain embedding, so the server ran cluster 0's adapter:
+    # the same image as running all ten steps locally with it (up to PNG rounding)
+    assert np.abs(hybrid - local).max() <= 1
+    assert main([*args, "--server", url, "--token", "wrong" * 4, "--out", str(tmp_path / "x.png")]) == 1
+
+
+def test_bad_requests_get_4xx_and_the_service_keeps_serving(service, tiny_model_dir):
+    url, token = service
+    auth = {"Authorization": f"Bearer {token}"}
+    model = load_model(tiny_model_dir)
+    cond, uncond = model.encode_prompts(["a picture of a star"]), model.encode_prompts([""])
+    good = {"cond": cond, "uncond": uncond}
+    nan = cond.clone()
+    nan[0, 0, 0] = float("nan")
+    cases = {
+        "no token": (401, {}, save_tensors(good), {}),
+        "wrong token": (401, {"Authorization": "Bearer nope"}, save_tensors(good), {}),
+        "malformed body": (400, auth, b"\x00\x01not safetensors", {}),
+        "oversized body": (413, auth, bytes(100 * 1024), {}),
+        "wrong shape": (422, auth, save_tensors({"cond": torch.zeros(1, 12, 10), "uncond": torch.zeros(1, 12, 10)}), {}),
+        "NaN": (422, auth, save_tensors({"cond": nan, "uncond": uncond}), {}),
+        "unknown tensor": (422, auth, save_tensors({**good, "prompt_text": torch.zeros(3)}), {}),
+        "missing uncond": (422, auth, save_tensors({"cond": cond}), {}),
+        "too many steps": (422, auth, save_tensors(good), {"steps": 10_000}),
+        "split too large": (422, auth, save_tensors(good), {"split": 0.9}),
+        "wrong number of weights": (422, auth, save_tensors({**good, "weights": torch.ones(5)}), {}),
+        "negative weights": (422, auth, save_tensors({**good, "weights": torch.tensor([-1.0, 2.0])}), {}),
+    }
+    for name, (status, headers, body, params) in cases.items():
+        r = httpx.post(f"{url}/v1/denoise", headers=headers, content=body, params={"steps": 4, **params}, timeout=30)
+        assert r.status_code == status, (name, r.text)
+        assert "detail" in r.json(), name
+    r = httpx.post(f"{url}/v1/denoise", headers=auth, content=save_tensors(good), params={"steps": 4, "split": 0.5}, timeout=30)
+    assert r.status_code == 200
+    reply = load_tensors(r.content)
+    assert reply["latents"].shape == (1, *model.latent_shape) and int(reply["step"]) == 2
+    assert torch.allclose(reply["weights"], torch.tensor([0.0, 0.0, 1.0]))  # no task embedding: the global stack
+    metrics = httpx.get(f"{url}/metrics", timeout=5).json()
+    assert metrics["responses_by_status"]["422"] >= 8 and metrics["requests"] >= 1
+
+
+def test_concurrent_requests_are_batched_and_match_single_runs(tiny_model_dir, cluster_run):
+    model = load_model(tiny_model_dir)
+    mixer = ClusterMixer(model, cluster_run)
+    token = "t" * 20
+    port = _free_port()
+    app = create_app(model, mixer, {token: "client-0"}, Limits(window_s=0.3))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="none", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        remote = InferenceServer(f"http://127.0.0.1:{port}", token)
+        cond, uncond = model.encode_prompts(["a picture of a moon"]), model.encode_prompts([""])
+        weights = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]] * 2
+
+        def ask(i):
+            return remote.first_steps(cond, uncond, i, 6, 0.5, 3.0, weights=weights[i]).latents
+
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").json()
+        assert metrics["requests"] == 8 and metrics["batches"] < 8 and metrics["mean_batch_images"] > 1
+        for i in (0, 3, 6):
+            assert (ask(i) - together[i]).abs().max() < 1e-5  # alone = inside a batch
+        assert (together[0] - together[1]).abs().max() > 1e-3  # the mixtures do differ
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_device_generate_without_server_is_the_local_sampler(tiny_model_dir, cluster_run):
+    device = personal_model(tiny_model_dir, cluster_run / "cluster_1.safetensors", cluster_run.parent / "style_token.safetensors")
+    assert device.prompt("a <style> of a fish") == "a <u0042> of a fish"
+    result = generate(device, ["a <style> of a fish"] * 2, 7, 5, 3.0)
+    expected = generate_local(device.model, ["a <u0042> of a fish"] * 2, [7, 8], num_steps=5, progress=False)
+    assert result.server_steps == 0 and (result.images - expected).abs().max() < 1e-5
+
+
+def test_serve_refuses_a_missing_tokens_file(tmp_path, capsys):
+    assert main(["serve", "--tokens", str(tmp_path / "none.txt")]) == 2
+    assert "--new-tokens" in capsys.readouterr().err
