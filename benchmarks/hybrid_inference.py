@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -34,7 +35,7 @@ from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.report import save_grid
 from fedaigc.eval.scoring import score
-from fedaigc.inference.device import InferenceServer, generate, personal_model
+from fedaigc.inference.device import InferenceServer, PersonalModel, generate, personal_model
 
 SPLITS = (0.0, 0.1, 0.2, 0.3, 0.4)
 
@@ -59,12 +60,112 @@ def start_service(run: Path, tokens: Path, model: Path | None) -> tuple[subproce
     raise SystemExit("fedaigc serve did not start")
 
 
+@dataclass
+class Bench:
+    """What every part needs: the run's config, data, evaluator, devices and a running service."""
+
+    run: Path
+    cfg: config.Config
+    model_dir: Path | None
+    folder: ImageFolder
+    test: list
+    evaluator: object
+    domains: dict[str, str]
+    devices: dict[int, PersonalModel]
+    url: str
+    tokens: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        return [self.folder.classes[i % len(self.folder.classes)] for i in range(self.cfg.client.samples)]
+
+
+def measure_split(b: Bench, out: Path) -> list[dict]:
+    """Every client's samples at each s: device time, bytes, style accuracy, evaluator-FID."""
+    rows, grids = [], []
+    steps, guidance = b.cfg.sample.steps, b.cfg.sample.guidance
+    for s in SPLITS:
+        server = InferenceServer(b.url, b.tokens[0]) if s > 0 else None
+        device_s, style, fid, shown = 0.0, [], [], []
+        for cid, device in b.devices.items():
+            made = generate(device, [f"a <style> of a {k}" for k in b.classes], 10_000, steps, guidance, server, s)
+            device_s += made.device_seconds
+            domain = b.domains[str(cid)]
+            real = b.folder.stack([x for x in b.test if x.domain == domain])
+            m = score(b.evaluator, made.images, real, domain, b.classes, b.cfg.evaluator.confidence)
+            style.append(m["style_acc"])
+            fid.append(m["fid"])
+            shown.append(made.images[:6])
+        grids.append(torch.cat(shown[:4]))
+        images = len(b.classes) * len(b.devices)
+        rows.append(
+            {
+                "split": s,
+                "server_steps": made.server_steps,
+                "device_seconds": device_s,
+                "bytes_sent_per_image": server.bytes_sent / images if server else 0,
+                "bytes_received_per_image": server.bytes_received / images if server else 0,
+                "style_acc": sum(style) / len(style),
+                "fid": sum(fid) / len(fid),
+            }
+        )
+        print(rows[-1], flush=True)
+    for r in rows:
+        r["device_time_ratio"] = r["device_seconds"] / rows[0]["device_seconds"]
+    save_grid(grids, out / "split_grid.png", labels=[f"s={s}" for s in SPLITS])
+    print("\n| s | server steps | device time (ratio to all-local) | sent/image | received/image | style acc | evaluator-FID |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['split']} | {r['server_steps']} | {r['device_seconds']:.1f} s ({r['device_time_ratio']:.2f}x) | "
+            f"{r['bytes_sent_per_image'] / 1024:.1f} KiB | {r['bytes_received_per_image'] / 1024:.1f} KiB | "
+            f"{r['style_acc']:.1%} | {r['fid']:.1f} |"
+        )
+    return rows
+
+
+def measure_throughput(b: Bench, requests: int) -> list[dict]:
+    """One-image requests at s = 0.3, each with its device's task embedding, from 1, 4, 16 clients."""
+    cids = sorted(b.devices)
+    bodies = []
+    for i in range(requests):
+        device = b.devices[cids[i % len(cids)]]
+        cond, uncond = device.encode([f"a <style> of a {b.classes[i % len(b.classes)]}"])
+        bodies.append((cond, uncond, device.task_embedding()))
+    rows = []
+    for clients in (1, 4, 16):
+        servers = [InferenceServer(b.url, b.tokens[i % len(b.tokens)]) for i in range(clients)]
+
+        def worker(w: int, servers=servers, clients=clients) -> None:
+            for i in range(w, len(bodies), clients):
+                cond, uncond, emb = bodies[i]
+                servers[w].first_steps(cond, uncond, i, b.cfg.sample.steps, 0.3, b.cfg.sample.guidance, task_embedding=emb)
+
+        before = httpx.get(f"{b.url}/metrics").json()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(worker, range(clients)))
+        seconds = time.perf_counter() - t0
+        batches = httpx.get(f"{b.url}/metrics").json()["batches"] - before["batches"]
+        rows.append({"clients": clients, "images_per_s": len(bodies) / seconds, "mean_batch": len(bodies) / max(batches, 1)})
+        print(rows[-1], flush=True)
+    for r in rows:
+        r["ratio_to_1"] = r["images_per_s"] / rows[0]["images_per_s"]
+    print("\n| concurrent clients | images/s | ratio to 1 client | mean images per UNet batch |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['clients']} | {r['images_per_s']:.2f} | {r['ratio_to_1']:.2f}x | {r['mean_batch']:.1f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/demo/cluster"), help="a finished run (adapters/, devices/)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_hybrid"))
+    ap.add_argument("--parts", default="split,throughput,mixtures", help="which parts to run (default: all three)")
     ap.add_argument("--requests", type=int, default=48, help="images per throughput setting (default: 48)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     cfg = config.load("demo", args.run / "config.toml")
     sources = json.loads((args.run / "sources.json").read_text()) if (args.run / "sources.json").is_file() else {}
     model_dir = Path(sources["model"]) if sources.get("model") else None
@@ -75,144 +176,79 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tokens = args.out / "tokens.txt"
     proc, url = start_service(args.run, tokens, model_dir)
+    devices = {
+        int(c): personal_model(
+            model_dir,
+            args.run / "adapters" / f"client_{c}.safetensors",
+            args.run / "devices" / f"client_{c}" / "style_token.safetensors",
+        )
+        for c in domains
+    }
     token_list = [line.split()[1] for line in tokens.read_text().splitlines()]
-    n, steps, guidance = cfg.client.samples, cfg.sample.steps, cfg.sample.guidance
-    classes = [folder.classes[i % len(folder.classes)] for i in range(n)]
+    b = Bench(args.run, cfg, model_dir, folder, test, evaluator, domains, devices, url, token_list)
+    result_file = args.out / "hybrid.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    result.update({"run": str(args.run), "samples_per_client": cfg.client.samples, "steps": cfg.sample.steps})
+    result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
     try:
-        devices = {
-            int(c): personal_model(
-                model_dir,
-                args.run / "adapters" / f"client_{c}.safetensors",
-                args.run / "devices" / f"client_{c}" / "style_token.safetensors",
-            )
-            for c in domains
-        }
-        # 1. split ratio: quality, device compute, bytes
-        rows, grids = [], []
-        for s in SPLITS:
-            server = InferenceServer(url, token_list[0]) if s > 0 else None
-            device_s, style, fid, images_all = 0.0, [], [], []
-            for cid, device in devices.items():
-                prompts = [f"a <style> of a {k}" for k in classes]
-                result = generate(device, prompts, 10_000, steps, guidance, server, s)
-                device_s += result.device_seconds
-                real = folder.stack([x for x in test if x.domain == domains[str(cid)]])
-                m = score(evaluator, result.images, real, domains[str(cid)], classes, cfg.evaluator.confidence)
-                style.append(m["style_acc"])
-                fid.append(m["fid"])
-                images_all.append(result.images[:6])
-            grids.append(torch.cat(images_all[:4]))
-            images = n * len(devices)
-            rows.append(
-                {
-                    "split": s,
-                    "server_steps": result.server_steps,
-                    "device_seconds": device_s,
-                    "bytes_sent_per_image": server.bytes_sent / images if server else 0,
-                    "bytes_received_per_image": server.bytes_received / images if server else 0,
-                    "style_acc": sum(style) / len(style),
-                    "fid": sum(fid) / len(fid),
-                }
-            )
-            print(rows[-1], flush=True)
-        for r in rows:
-            r["device_time_ratio"] = r["device_seconds"] / rows[0]["device_seconds"]
-        save_grid(grids, args.out / "split_grid.png", labels=[f"s={s}" for s in SPLITS])
-
-        # 2. throughput with 1, 4 and 16 concurrent clients (one image per request, s = 0.3)
-        cids = sorted(devices)
-        requests = []
-        for i in range(args.requests):
-            device = devices[cids[i % len(cids)]]
-            cond, uncond = device.encode([f"a <style> of a {classes[i % len(classes)]}"])
-            requests.append((cond, uncond, device.task_embedding()))
-        throughput = []
-        for clients in (1, 4, 16):
-            servers = [InferenceServer(url, token_list[i % len(token_list)]) for i in range(clients)]
-
-            def worker(w: int, servers=servers, clients=clients) -> None:
-                for i in range(w, len(requests), clients):
-                    cond, uncond, emb = requests[i]
-                    servers[w].first_steps(cond, uncond, i, steps, 0.3, guidance, task_embedding=emb)
-
-            before = httpx.get(f"{url}/metrics").json()
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(worker, range(clients)))
-            seconds = time.perf_counter() - t0
-            after = httpx.get(f"{url}/metrics").json()
-            batches = after["batches"] - before["batches"]
-            throughput.append(
-                {"clients": clients, "images_per_s": len(requests) / seconds, "mean_batch": len(requests) / max(batches, 1)}
-            )
-            print(throughput[-1], flush=True)
-        for t in throughput:
-            t["ratio_to_1"] = t["images_per_s"] / throughput[0]["images_per_s"]
-
-        # 3. hybrid styles over two clusters
-        mixtures = style_mixtures(args.run, model_dir, url, token_list[0], evaluator, folder.classes, cfg, domains)
+        if "split" in parts:
+            result["split"] = measure_split(b, args.out)
+        if "throughput" in parts:
+            result["throughput"] = measure_throughput(b, args.requests)
+        if "mixtures" in parts:
+            result["mixtures"] = style_mixtures(b)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-    result = {"run": str(args.run), "samples_per_client": n, "steps": steps, "split": rows, "throughput": throughput}
-    result["mixtures"] = mixtures
-    result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
-    (args.out / "hybrid.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| s | server steps | device time (ratio to all-local) | sent/image | received/image | style acc | evaluator-FID |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['split']} | {r['server_steps']} | {r['device_seconds']:.1f} s ({r['device_time_ratio']:.2f}x) | "
-            f"{r['bytes_sent_per_image'] / 1024:.1f} KiB | {r['bytes_received_per_image'] / 1024:.1f} KiB | "
-            f"{r['style_acc']:.1%} | {r['fid']:.1f} |"
-        )
-    print("\n| concurrent clients | images/s | ratio to 1 client | mean images per UNet batch |")
-    print("|---|---|---|---|")
-    for t in throughput:
-        print(f"| {t['clients']} | {t['images_per_s']:.2f} | {t['ratio_to_1']:.2f}x | {t['mean_batch']:.1f} |")
-    print("\n| weights | " + " | ".join(mixtures["domains"]) + " (evaluator's confident style shares) |")
-    print("|---|" + "---|" * len(mixtures["domains"]))
-    for name, shares in mixtures["shares"].items():
-        print(f"| {name} | " + " | ".join(f"{v:.0%}" for v in shares.values()) + " |")
-    print(f"\none-cluster request vs that cluster's adapter run locally: max pixel difference {mixtures['max_diff_one_hot']:.2e}")
-    print(f"\n{args.out / 'hybrid.json'}, {args.out / 'split_grid.png'}")
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{result_file}" + (f", {args.out / 'split_grid.png'}" if "split" in parts else ""))
 
 
-def style_mixtures(run: Path, model_dir, url, token, evaluator, classes, cfg, domains) -> dict:
-    """Two clusters (sketch and cartoon when the run has them), weights 1/0, 0/1, 0.5/0.5."""
+def style_mixtures(b: Bench) -> dict:
+    """Two clusters (sketch and cartoon when the run has them), weights 1/0, 0/1, 0.5/0.5, all
+    steps on the server (s = 1) for neutral prompts."""
     from fedaigc.client.adapter import adapter_spec, attach_lora, load_adapter_file
-    from fedaigc.inference.device import PersonalModel
     from fedaigc.model.base import load_model
 
+    run, model_dir, cfg, evaluator, domains = b.run, b.model_dir, b.cfg, b.evaluator, b.domains
+    classes = b.folder.classes
     info = json.loads((run / "adapters" / "clusters.json").read_text())["clusters"]
     ks = sorted(info, key=int)
     domain_of = {k: domains[str(info[k]["members"][0])] for k in ks}
     by_domain = {d: k for k, d in domain_of.items()}
-    a, b = by_domain.get("sketch", ks[0]), by_domain.get("cartoon", ks[-1])
+    ka, kb = by_domain.get("sketch", ks[0]), by_domain.get("cartoon", ks[-1])
     prompts = [f"a picture of a {classes[i % len(classes)]}" for i in range(48)]
     base = PersonalModel(load_model(model_dir))
-    server = InferenceServer(url, token)
+    server = InferenceServer(b.url, b.tokens[0])
     shares, images = {}, {}
     for name, wa in (
-        (f"{domain_of[a]} 1 / {domain_of[b]} 0", 1.0),
-        (f"{domain_of[a]} 0 / {domain_of[b]} 1", 0.0),
+        (f"{domain_of[ka]} 1 / {domain_of[kb]} 0", 1.0),
+        (f"{domain_of[ka]} 0 / {domain_of[kb]} 1", 0.0),
         ("0.5 / 0.5", 0.5),
     ):
         w = [0.0] * len(ks)
-        w[ks.index(a)], w[ks.index(b)] = wa, 1 - wa
+        w[ks.index(ka)], w[ks.index(kb)] = wa, 1 - wa
         images[name] = generate(base, prompts, 20_000, cfg.sample.steps, cfg.sample.guidance, server, 1.0, w).images
-        pred = evaluator.predict(images[name])["domain"].softmax(-1)
-        confident = pred.max(-1).values >= cfg.evaluator.confidence
-        shares[name] = {d: float(((pred.argmax(-1) == i) & confident).float().mean()) for i, d in enumerate(evaluator.domains)}
+        probs = evaluator.predict(images[name])["domain"]
+        confident = probs.max(-1).values >= cfg.evaluator.confidence
+        shares[name] = {
+            d: (float(((probs.argmax(-1) == i) & confident).float().mean()), float((probs.argmax(-1) == i).float().mean()))
+            for i, d in enumerate(evaluator.domains)
+        }
     local = load_model(model_dir)
-    adapter = run / "adapters" / f"cluster_{a}.safetensors"
+    adapter = run / "adapters" / f"cluster_{ka}.safetensors"
     attach_lora(local, adapter_spec(adapter))
     load_adapter_file(local, adapter)
     local.text_encoder.disable_adapters()  # the server's steps use the base text states sent to it
     mine = generate(PersonalModel(local), prompts, 20_000, cfg.sample.steps, cfg.sample.guidance).images
-    one_hot = images[f"{domain_of[a]} 1 / {domain_of[b]} 0"]
-    return {"domains": list(evaluator.domains), "shares": shares, "max_diff_one_hot": float((mine - one_hot).abs().max())}
+    one_hot = images[f"{domain_of[ka]} 1 / {domain_of[kb]} 0"]
+    out = {"domains": list(evaluator.domains), "shares": shares, "max_diff_one_hot": float((mine - one_hot).abs().max())}
+    print("\n| weights | " + " | ".join(out["domains"]) + " |  (style shares: confident / top guess)")
+    print("|---|" + "---|" * len(out["domains"]))
+    for name, row in shares.items():
+        print(f"| {name} | " + " | ".join(f"{c:.0%} / {t:.0%}" for c, t in row.values()) + " |")
+    print(f"\none-cluster request vs that cluster's adapter run locally: max pixel difference {out['max_diff_one_hot']:.2e}")
+    return out
 
 
 if __name__ == "__main__":

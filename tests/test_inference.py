@@ -223,6 +223,8 @@ def test_concurrent_requests_are_batched_and_match_single_runs(tiny_model_dir, c
         for i in (0, 3, 6):
             assert (ask(i) - together[i]).abs().max() < 1e-5  # alone = inside a batch
         assert (together[0] - together[1]).abs().max() > 1e-3  # the mixtures do differ
+        many = remote.first_steps(cond.expand(20, -1, -1), uncond, 0, 6, 0.5, 3.0, weights=weights[3]).latents
+        assert many.shape[0] == 20 and (many[3] - together[3]).abs().max() < 1e-5  # split into requests of <= 16
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import secrets
 import time
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from fedaigc.eval.base_model import evaluate_base
 from fedaigc.eval.plots import curves, grouped_bars
 from fedaigc.eval.report import markdown_table, save_grid
 from fedaigc.inference.device import InferenceServer
-from fedaigc.inference.mixing import ClusterMixer
-from fedaigc.inference.service import create_app, serving
-from fedaigc.model.base import load_model
+from fedaigc.inference.service import run_service
 from fedaigc.server.federate import evaluate_run, simulate
 from fedaigc.server.rundir import RunDir
 
@@ -63,10 +60,7 @@ def run_demo(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
 def evaluate_hybrid(cfg: config.Config, run: RunDir, data: Path | None, model: Path | None, progress: bool) -> dict:
     """The cluster-aware clients generate as the product does: a real inference edge server on
     127.0.0.1 holds the run's cluster adapters and runs the first ⌈s·T⌉ steps of every image."""
-    token = secrets.token_urlsafe(24)
-    service_model = load_model(model)
-    app = create_app(service_model, ClusterMixer(service_model, run.root / "adapters"), {token: "demo"})
-    with serving(app) as url:
+    with run_service(run.root / "adapters", model, "demo") as (url, token):
         share = 100 * cfg.sample.split
         log.info("hybrid inference: the inference edge server on %s runs %.0f%% of every image's steps", url, share)
         server = InferenceServer(url, token)

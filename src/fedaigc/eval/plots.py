@@ -21,7 +21,7 @@ def grouped_bars(
     ylim: tuple[float, float] | None = None,
 ) -> Path:
     """One group of bars per item of `groups`, one bar per series."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2) + _legend_width(series), 3.6))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
@@ -31,7 +31,7 @@ def grouped_bars(
     ax.set_title(title)
     if ylim:
         ax.set_ylim(*ylim)
-    ax.legend()
+    _legend(ax, len(series))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -40,19 +40,42 @@ def grouped_bars(
     return Path(path)
 
 
-def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str, path: Path) -> Path:
-    """One line per series of (x, y)."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+def curves(
+    series: dict[str, tuple[list[float], list[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    integer_x: bool = True,
+) -> Path:
+    """One line per series of (x, y); `integer_x` for rounds, off for a continuous x such as a ratio."""
+    fig, ax = plt.subplots(figsize=(6 + _legend_width(series), 3.6))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ticks = sorted({x for xs, _ in series.values() for x in xs})
+    if integer_x and len(ticks) <= 12:
+        ax.set_xticks(ticks)  # every round, also when there is only one
+    elif integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    _legend(ax, len(series))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _legend_width(series: dict) -> float:
+    """Extra figure width (inches) for a legend beside the axes, where many series would hide the data."""
+    return 2.6 if len(series) > 4 else 0.0
+
+
+def _legend(ax, n: int) -> None:
+    if n > 4:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend()

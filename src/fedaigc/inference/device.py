@@ -60,8 +60,9 @@ def personal_model(model_dir: Path | None, adapter: Path | None = None, style_to
 class InferenceServer:
     """HTTP client of `fedaigc serve`; counts the bytes it moves."""
 
-    def __init__(self, url: str, token: str, timeout: float = 120.0):
+    def __init__(self, url: str, token: str, timeout: float = 120.0, max_images: int = 16):
         self.http = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        self.max_images = max_images  # per request: the service's default limit
         self.bytes_sent = self.bytes_received = 0
 
     def first_steps(
@@ -76,6 +77,24 @@ class InferenceServer:
         task_embedding: torch.Tensor | None = None,
         weights: list[float] | None = None,
     ) -> SplitState:
+        """The server's half for every row of `cond` (image i from seed + i), in requests of at
+        most `max_images` images."""
+        if len(cond) > self.max_images:
+            parts = [
+                self.first_steps(
+                    cond[i : i + self.max_images],
+                    uncond if len(uncond) == 1 else uncond[i : i + self.max_images],
+                    seed + i,
+                    num_steps,
+                    split,
+                    guidance,
+                    guidance_rescale,
+                    task_embedding,
+                    weights,
+                )
+                for i in range(0, len(cond), self.max_images)
+            ]
+            return SplitState(torch.cat([p.latents for p in parts]), parts[0].step, num_steps)
         tensors = {"cond": cond.float().contiguous(), "uncond": uncond.float().contiguous()}
         if task_embedding is not None:
             tensors["task_embedding"] = task_embedding.float().contiguous()

@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from safetensors.torch import load as load_tensors
 from fedaigc.errors import UserError
 from fedaigc.inference.mixing import ClusterMixer
 from fedaigc.inference.sampler import SplitState, split_step
-from fedaigc.model.base import DiffusionModel
+from fedaigc.model.base import DiffusionModel, load_model
 from fedaigc.model.sampling import denoise, initial_noise
 
 log = logging.getLogger(__name__)
@@ -358,3 +359,14 @@ def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def run_service(adapters: Path, model_dir: Path | None, client: str = "local") -> Iterator[tuple[str, str]]:
+    """A real inference edge server for a run's adapters, with its own copy of the base model, on a
+    free port of 127.0.0.1 inside this process and one fresh bearer token: yields (url, token).
+    What the demo and the experiments measure hybrid inference through."""
+    token = secrets.token_urlsafe(24)
+    model = load_model(model_dir)
+    with serving(create_app(model, ClusterMixer(model, adapters), {token: client})) as url:
+        yield url, token

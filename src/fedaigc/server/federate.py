@@ -73,16 +73,27 @@ def evaluate_run(
     progress: bool = True,
     server: InferenceServer | None = None,
     split_ratio: float = 0.3,
+    key: str = "final",
+    global_stack: bool = False,
 ) -> dict:
     """Each client generates `client.samples` images with its personalized adapter and token slot
     (FLoRA: the global stack merged into the base, no LoRA of its own) as the device would, and
     is scored against held-out real images of its dominant domain. With `server`, the images are
-    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps, the client the rest."""
+    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps, the client the rest.
+
+    The result goes to `metrics[key]` and the images to `samples/` (`samples/<key>/` for another
+    key), so one run can be scored several ways. `global_stack` (cluster runs) scores the global
+    LoRA instead of the cluster adapters: the only place where DED and SNT act."""
+    if key in ("rounds", "clustering", "strategy"):
+        raise UserError(f"metrics.json's {key!r} is not a place for a score")
     folder = ImageFolder(ensure_dataset(data, cfg), size=cfg.data.size)
     train, test = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(folder, train, cfg.evaluator, progress=progress)
     aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
     run.restore(aggregator, run.last_round())
+    if global_stack and (cfg.federation.strategy != "cluster" or aggregator.global_adapter is None):
+        raise UserError(f"{run.root}: only a finished cluster run has a global LoRA of its own to score")
+    samples = run.root / "samples" if key == "final" else run.root / "samples" / key
     metrics = run.metrics()
     per_client, truth = {}, {}
     device_seconds = 0.0
@@ -92,7 +103,10 @@ def evaluate_run(
         client = build_client(cfg, cid, cfg.federation.num_clients, data, model)
         truth[cid] = client.domain
         adapter, slot = aggregator.model_for(cid)
-        client.load(adapter, slot, aggregator.base_delta())
+        delta = aggregator.base_delta()
+        if global_stack:  # the stack (scale 1) merged into the base as FLoRA's is, no cluster LoRA, the cluster's slot
+            adapter, delta = None, aggregator.global_adapter
+        client.load(adapter, slot, delta)
         if client.token is not None:  # what the device keeps: in a deployment only the device has it
             client.token.save(run.device_dir(cid) / "style_token.safetensors")
         prompts = [client.prompt_for(client.domain, c) for c in classes]
@@ -108,7 +122,7 @@ def evaluate_run(
             guidance_rescale=cfg.sample.guidance_rescale,
         )
         images, device_seconds = made.images, device_seconds + made.device_seconds
-        save_images(images, run.root / "samples" / f"client_{cid}")
+        save_images(images, samples / f"client_{cid}")
         real = folder.stack([s for s in test if s.domain == client.domain])
         s = score(evaluator, images, real, client.domain, classes, cfg.evaluator.confidence)
         per_client[str(cid)] = {"domain": client.domain, **s}
@@ -121,7 +135,8 @@ def evaluate_run(
             s["fid"],
         )
     keys = ["style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment"]
-    metrics["final"] = {
+    metrics[key] = {
+        "adapters": "global" if global_stack else "own",
         "mean": {k: float(torch.tensor([v[k] for v in per_client.values()]).mean()) for k in keys},
         "per_client": per_client,
         "threshold": cfg.evaluator.confidence,

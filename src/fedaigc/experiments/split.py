@@ -1,0 +1,212 @@
+"""`fedaigc experiment split`: how much of each image the inference edge server may compute.
+
+One cluster-aware run per seed is trained once; then every client generates its samples at each
+server share s: s = 0 all on the device, s > 0 through a real inference edge server (FastAPI +
+uvicorn on 127.0.0.1 inside this process, holding the run's cluster adapters) that runs the first
+⌈s·T⌉ steps, the device the rest. Quality and the device's compute per image, per s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from fedaigc.data.dataset import read_images
+from fedaigc.errors import UserError
+from fedaigc.eval.plots import curves
+from fedaigc.eval.report import markdown_table
+from fedaigc.experiments.common import (
+    Plan,
+    Result,
+    Setting,
+    brief,
+    closing,
+    intro,
+    numbers,
+    sample_grid,
+    write_results,
+)
+from fedaigc.inference.device import InferenceServer
+from fedaigc.inference.service import run_service
+
+log = logging.getLogger("fedaigc.experiments")
+
+SPLITS = (0.0, 0.1, 0.2, 0.3, 0.4)
+MAX_SPLIT = 0.5  # the service's default limit
+OURS = Setting("cluster", "cluster-aware (ours)", {"federation": {"strategy": "cluster"}})
+
+
+def split_values(only: list[str] | None) -> list[float]:
+    """`--only` for this experiment: the shares s to measure (default 0, 0.1, 0.2, 0.3, 0.4)."""
+    if not only:
+        return list(SPLITS)
+    try:
+        values = sorted({float(x) for x in only})
+    except ValueError:
+        raise UserError(f"--only: expected split ratios such as 0,0.3, got {','.join(only)!r}") from None
+    if not all(0 <= s <= MAX_SPLIT for s in values):
+        raise UserError(f"--only: split ratios must lie in [0, {MAX_SPLIT}], got {','.join(only)}")
+    return values
+
+
+def run_split(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
+    """Train once per seed, score every s; writes results.csv, plots and report.md."""
+    splits = split_values(only)
+    results = [Result(Setting(f"s={s:g}", f"s = {s:g}")) for s in splits]
+    for i, seed in enumerate(plan.seeds, 1):
+        run_cfg = OURS.config(plan.cfg, seed)
+        run_dir = plan.out / f"cluster_seed{seed}"
+        log.info("[split %d/%d] training %s, seed %d: %s", i, len(plan.seeds), OURS.label, seed, run_dir)
+        run = plan.train(run_cfg, run_dir)
+        rows = []
+        with ExitStack() as stack:
+            service = stack.enter_context(run_service(run.root / "adapters", plan.model, "split")) if max(splits) > 0 else None
+            for s, result in zip(splits, results, strict=True):
+                log.info("[split %d/%d] seed %d, s = %g: the server runs the first ceil(s*T) steps", i, len(plan.seeds), seed, s)
+                if s == 0:
+                    metrics = plan.scored(run_cfg, run)
+                else:
+                    metrics = plan.scored(run_cfg, run, key=key_of(s), server=InferenceServer(*service), split_ratio=s)
+                rows.append(numbers(metrics, key_of(s)))
+                result.add(run_dir, rows[-1], metrics)
+                log.info("[split] s = %g: %s, device %.3f s per image", s, brief(rows[-1]), rows[-1]["device_s_per_image"])
+        if splits[0] == 0:  # against doing every step on the device, within one seed
+            for s, row in zip(splits, rows, strict=True):
+                row["device_time_ratio"] = row["device_s_per_image"] / rows[0]["device_s_per_image"]
+                row["pixel_change"] = pixel_change(run_dir, s, run_cfg.data.size)
+    seconds = plan.elapsed()
+    write_results(plan, results, seconds)
+    summary = "; ".join(
+        f"{r.setting.label}: style {r.mean('style_acc'):.1%}, device {r.mean('device_s_per_image'):.3f} s/image" for r in results
+    )
+    return write_report(plan, results, splits, seconds), summary
+
+
+def write_report(plan: Plan, results: list[Result], splits: list[float], seconds: float) -> Path:
+    cfg, plots = plan.cfg, plan.out / "plots"
+    x = "s (share of the T steps on the inference edge server)"
+    for name, series, title, ylabel in (
+        (
+            "quality_vs_split",
+            {"confident style accuracy": "style_acc", "confident class accuracy": "class_acc", "alignment": "alignment"},
+            "Quality vs the server's share of the steps",
+            "share / cosine",
+        ),
+        (
+            "fid_vs_split",
+            {"evaluator-FID": "fid"},
+            "Evaluator-FID vs the server's share of the steps",
+            "evaluator-FID (lower is better)",
+        ),
+        (
+            "device_time_vs_split",
+            {"device compute": "device_s_per_image"},
+            "Device compute per image vs the server's share",
+            "seconds per image on the device",
+        ),
+    ):
+        lines_of = {label: (splits, [r.mean(col) for r in results]) for label, col in series.items()}
+        curves(lines_of, title, x, ylabel, plots / f"{name}.png", integer_x=False)
+    base = results[0] if splits[0] == 0 else None
+    rows = []
+    for r in results:
+        change = r.mean("style_acc") - base.mean("style_acc") if base else math.nan
+        rows.append(
+            [
+                r.setting.label,
+                f"{r.mean('server_steps'):.0f} / {cfg.sample.steps}",
+                r.cell("device_s_per_image"),
+                r.cell("device_time_ratio", 2),
+                r.cell("kib_sent_per_image", 1),
+                r.cell("kib_received_per_image", 1),
+                r.cell("style_acc"),
+                "-" if math.isnan(change) else f"{change:+.3f}",
+                r.cell("pixel_change", 4),
+                r.cell("style_top"),
+                r.cell("class_acc"),
+                r.cell("fid", 1),
+                r.cell("kid"),
+                r.cell("alignment"),
+            ]
+        )
+    shown_rows = []
+    for s, r in zip(splits, results, strict=True):
+        shown_rows.append((r.setting.label, samples_of(r.runs[0], s), r.metrics[0][key_of(s)]["per_client"]))
+    grid, shown = sample_grid(plan, shown_rows)
+    lines = [
+        "# Experiment: split ratio of hybrid inference",
+        "",
+        intro(plan, seconds),
+        "",
+        "## Quality and device compute per server share s",
+        "",
+        f"One cluster-aware run per seed, trained once; each client then generates its {cfg.client.samples} samples at "
+        f"each s with its own adapter and private token. s = 0: every step on the device, no service. s > 0: a real "
+        f"inference edge server (FastAPI + uvicorn on 127.0.0.1 inside this process, holding the run's cluster adapters, "
+        f"weighting them per request by the device's task embedding) runs the first ceil(s*T) of T = {cfg.sample.steps} "
+        f"steps from the prompt states the device encoded, and the device finishes with its own adapter. Device compute "
+        f"= encoding + the device's steps + decoding, waiting for the server excluded; it is wall time on this machine, "
+        f"which also runs the service, so compare ratios rather than absolute times. Pixel change: mean absolute "
+        f"difference (0-1) of the images at s from the all-local ones made from the same noise; 0 means the server's steps "
+        f"(with the cluster mixture the request's task embedding selected) gave exactly what the device's own adapter gives.",
+        "",
+        markdown_table(
+            [
+                "s",
+                "server steps",
+                "device s / image",
+                "device time vs s = 0",
+                "KiB sent / image",
+                "KiB received / image",
+                "style acc",
+                "style acc change vs s = 0",
+                "pixel change vs s = 0",
+                "style top",
+                "class acc",
+                "evaluator-FID",
+                "KID",
+                "alignment",
+            ],
+            rows,
+        ),
+        "",
+        "![quality vs split](plots/quality_vs_split.png)",
+        "",
+        "![evaluator-FID vs split](plots/fid_vs_split.png)",
+        "",
+        "![device compute vs split](plots/device_time_vs_split.png)",
+        "",
+    ]
+    runs = [
+        f"- seed {seed}: `cluster_seed{seed}/` (s = 0: `final` in its metrics.json and `samples/`; s > 0: `split_<s>` "
+        f"and `samples/split_<s>/`)"
+        for seed in plan.seeds
+    ]
+    lines += closing(plan, grid, shown, runs)
+    path = plan.out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def pixel_change(run_dir: Path, s: float, size: int) -> float:
+    """Mean absolute pixel difference (0-1) of every client's images at share s from its all-local
+    images (same noise seeds): whether the server's part changed the pictures at all."""
+    diffs = []
+    for local in sorted((run_dir / "samples").glob("client_*")):
+        split_dir = samples_of(run_dir, s) / local.name
+        a, b = (read_images(sorted(d.glob("*.png")), size) for d in (local, split_dir))
+        diffs.append((a - b).abs().mean())
+    return float(torch.stack(diffs).mean())
+
+
+def samples_of(run_dir: Path, s: float) -> Path:
+    return run_dir / "samples" if s == 0 else run_dir / "samples" / key_of(s)
+
+
+def key_of(s: float) -> str:
+    """Where `evaluate_run` keeps the score at share s: `final` (all on the device) or `split_<s>`."""
+    return "final" if s == 0 else f"split_{s:g}"
