@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from fedaigc.client.train import LocalClient
-from fedaigc.config import preset
+from fedaigc.client.train import LocalClient, Upload
+from fedaigc.config import Config, preset
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, split
 from fedaigc.data.render import STYLE_WORDS
 from fedaigc.eval.evaluator import evaluator_for
@@ -22,6 +22,25 @@ from fedaigc.eval.report import save_grid
 from fedaigc.eval.scoring import score
 from fedaigc.model.base import load_model
 from fedaigc.model.sampling import generate
+
+
+def train_one_client(
+    cfg: Config, model_dir: Path | None, data: ImageFolder, train: list, domain: str, steps: int
+) -> tuple[LocalClient, Upload, float]:
+    """The `domain` client of an 8-client partition (200 images, 90 % `domain`), trained from the
+    initial LoRA and slot for `steps` steps; returns it, its upload and the training seconds."""
+    share = next(s for s in partition(train, 8, 200, purity=0.9, seed=0) if s.domain == domain)
+    client = LocalClient(
+        load_model(model_dir),
+        data.stack(share.samples),
+        [s.domain for s in share.samples],
+        [s.cls for s in share.samples],
+        cfg.client,
+        seed=0,
+    )
+    t0 = time.perf_counter()
+    upload = client.train_round(None, None, steps, torch.Generator().manual_seed(0))
+    return client, upload, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -43,7 +62,6 @@ def main() -> None:
     data = ImageFolder(ensure_dataset(None, cfg), size=cfg.data.size)
     train, test = split(data.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(data, train, cfg.evaluator)
-    share = next(s for s in partition(train, 8, 200, purity=0.9, seed=0) if s.domain == args.domain)
     real = data.stack([s for s in test if s.domain == args.domain])
     classes = [data.classes[i % len(data.classes)] for i in range(c.samples)]
     seeds = list(range(1000, 1000 + c.samples))
@@ -55,17 +73,7 @@ def main() -> None:
     base_images = generate(base, plain_prompts, seeds, cfg.sample.steps, cfg.sample.guidance)
     base_scores = score(evaluator, base_images, real, args.domain, classes, thr)
 
-    client = LocalClient(
-        load_model(args.model),
-        data.stack(share.samples),
-        [s.domain for s in share.samples],
-        [s.cls for s in share.samples],
-        c,
-        seed=0,
-    )
-    t0 = time.perf_counter()
-    upload = client.train_round(None, None, steps, torch.Generator().manual_seed(0))
-    seconds = time.perf_counter() - t0
+    client, upload, seconds = train_one_client(cfg, args.model, data, train, args.domain, steps)
     prompts = [client.prompt_for(args.domain, k) for k in classes]
     images = generate(client.model, prompts, seeds, cfg.sample.steps, cfg.sample.guidance)
     tuned = score(evaluator, images, real, args.domain, classes, thr)
@@ -81,7 +89,7 @@ def main() -> None:
         "domain": args.domain,
         "steps": steps,
         "seconds": round(seconds, 1),
-        "images": len(share.samples),
+        "images": upload.num_examples,
         "threshold": thr,
         "base": base_scores,
         "client": tuned,
@@ -96,7 +104,7 @@ def main() -> None:
             f"{name:7s} style {s['style_acc']:.1%} (top {s['style_top']:.1%})  class {s['class_acc']:.1%} "
             f"(top {s['class_top']:.1%})  evaluator-FID {s['fid']:.1f}  KID {s['kid']:.4f}  alignment {s['alignment']:.3f}"
         )
-    print(f"fine-tune: {steps} steps in {seconds:.0f} s on {len(share.samples)} images ({args.domain})")
+    print(f"fine-tune: {steps} steps in {seconds:.0f} s on {upload.num_examples} images ({args.domain})")
     print(f"fid_ratio (client / base): {tuned['fid'] / base_scores['fid']:.2f}")
     print(f"grid: {args.out / 'grid.png'}")
 

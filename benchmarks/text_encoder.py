@@ -17,11 +17,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch
+from client_finetune import train_one_client  # benchmarks/ is on the path when run as a script
 
-from fedaigc.client.train import LocalClient
 from fedaigc.config import Config, preset
-from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, split
+from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
 from fedaigc.eval.base_model import class_samples
 from fedaigc.eval.evaluator import Evaluator, evaluator_for
 from fedaigc.eval.report import save_grid
@@ -37,18 +36,7 @@ def fine_tune(
     """One client (200 images, 90 % `domain`) trains its LoRA + private token for `steps` steps,
     as benchmarks/client_finetune.py does; scores 32 samples of its private-token prompts."""
     c = cfg.client
-    share = next(s for s in partition(train, 8, 200, purity=0.9, seed=0) if s.domain == domain)
-    client = LocalClient(
-        load_model(model_dir),
-        data.stack(share.samples),
-        [s.domain for s in share.samples],
-        [s.cls for s in share.samples],
-        c,
-        seed=0,
-    )
-    t0 = time.perf_counter()
-    upload = client.train_round(None, None, steps, torch.Generator().manual_seed(0))
-    seconds = time.perf_counter() - t0
+    client, upload, seconds = train_one_client(cfg, model_dir, data, train, domain, steps)
     classes = [data.classes[i % len(data.classes)] for i in range(c.samples)]
     prompts = [client.prompt_for(domain, k) for k in classes]
     images = generate(
