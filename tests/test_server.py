@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from fedaigc import config
 from fedaigc.client.client_app import make_client_app
+from fedaigc.errors import UserError
+from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.server_app import ClusterStrategy
 from fedaigc.server.strategies import Aggregator
@@ -135,3 +137,18 @@ def test_flora_sends_the_growing_stack_and_a_restarted_server_resumes_it(setup):
     a, b = (load_file(str(r.root / "adapters" / "global.safetensors")) for r in (run, resumed))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert torch.allclose(aggregator.model_for(0)[1], restarted.model_for(0)[1], atol=1e-5)
+
+
+def test_a_sampled_fraction_of_the_clients_trains_each_round(setup):
+    cfg, run_config, aggregator, run = setup(fraction=0.5)
+    grid = FakeGrid(4, run_config)
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
+    rounds = json.loads(run.metrics_file.read_text())["rounds"]
+    for entry in rounds:
+        trained = sorted(cid for r, cid, _ in grid.sent if r == entry["round"])
+        assert len(trained) == 2 and entry["sampled"] == trained and entry["missing"] == []
+    assert sample_clients(list(range(100)), 0.1, 0, 3) == sample_clients(list(range(100)), 0.1, 0, 3)  # resumable
+    assert sample_clients(list(range(100)), 0.1, 0, 3) != sample_clients(list(range(100)), 0.1, 0, 4)
+    assert len(sample_clients(list(range(100)), 0.1, 0, 1)) == 10 and sample_clients([3, 1], 1.0, 0, 1) == [1, 3]
+    with pytest.raises(UserError, match="fraction"):
+        ClusterStrategy(setup(fraction=0.0)[0], aggregator)

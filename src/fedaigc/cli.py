@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-clients", type=int, metavar="N", help="number of clients (default: the preset's, 8 at demo)")
     p.add_argument("--rounds", type=int, metavar="R", help="federated rounds (default: the preset's)")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        metavar="F",
+        help="share of the clients sampled to train each round, in (0, 1] (default: 1, everyone)",
+    )
     p.add_argument("--steps", type=int, help="local LoRA steps per round (default: the preset's)")
     p.add_argument(
         "--prompt-mode",
@@ -353,7 +359,13 @@ def cmd_federate(args) -> None:
 
     cfg = _config(
         args,
-        federation={"strategy": args.strategy, "num_clients": args.num_clients, "rounds": args.rounds, "seed": args.seed},
+        federation={
+            "strategy": args.strategy,
+            "num_clients": args.num_clients,
+            "rounds": args.rounds,
+            "fraction": args.fraction,
+            "seed": args.seed,
+        },
         client={"steps": args.steps, "prompt_mode": args.prompt_mode},
     )
     if args.resume and args.out and args.resume != args.out:

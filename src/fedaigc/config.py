@@ -82,6 +82,7 @@ class ClientConfig:
 class FederationConfig:
     strategy: str = "cluster"  # cluster | fedavg | fedgeomed | flora | local | central
     num_clients: int = 8
+    fraction: float = 1.0  # share of the clients sampled to train each round (drawn from seed and round)
     rounds: int = 3
     per_client: int = 64  # images per client
     purity: float = 0.9  # share of a client's images from its dominant domain

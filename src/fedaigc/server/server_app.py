@@ -19,6 +19,7 @@ from fedaigc import config
 from fedaigc.client.adapter import LoraSpec
 from fedaigc.client.train import Upload
 from fedaigc.errors import RunFailed, UserError
+from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir, bytes_of, write_json
 from fedaigc.server.strategies import Aggregator, RoundReport
 
@@ -29,12 +30,15 @@ class ClusterStrategy(Strategy):
     """Sends per-node arrays (its cluster's adapter), aggregates with an `Aggregator`."""
 
     def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
+        if not 0 < cfg.federation.fraction <= 1:
+            raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
         self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
         self.node_client: dict[int, int] = {}
         self.sent_bytes: dict[int, int] = {}  # per client, this round's download
         self.up_bytes = 0  # mean upload per client, this round
         self.last_report: RoundReport | None = None
         self.missing: list[int] = []
+        self.sampled: list[int] = []  # the clients asked to train this round
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Wait until the configured number of clients is connected (as Flower's own strategies do)."""
@@ -63,7 +67,12 @@ class ClusterStrategy(Strategy):
         self.identify(grid)
         messages, self.sent_bytes = [], {}
         merged = self.aggregator.base_delta()
+        f = self.cfg.federation
+        chosen = set(sample_clients(list(self.node_client.values()), f.fraction, f.seed, server_round))
+        self.sampled = sorted(chosen)
         for node, cid in sorted(self.node_client.items(), key=lambda x: x[1]):
+            if cid not in chosen:
+                continue
             adapter, slot = self.aggregator.model_for(cid)
             content = RecordDict(
                 {
@@ -99,7 +108,7 @@ class ClusterStrategy(Strategy):
             up_bytes.append(bytes_of(lora) + bytes_of(extra))
         if not uploads:
             raise RunFailed(f"round {server_round}: no client returned an update (see the client errors above)")
-        expected = set(self.node_client.values())
+        expected = set(self.sampled)
         self.missing = sorted(expected - set(uploads))
         if self.missing:
             log.warning("round %d: no update from client(s) %s; aggregating the others", server_round, self.missing)
@@ -146,6 +155,7 @@ class ClusterStrategy(Strategy):
                 "bytes_up": self.up_bytes,
                 "bytes_down": int(sum(self.sent_bytes.values()) / max(1, len(self.sent_bytes))),
                 "seconds": round(time.perf_counter() - t0, 2),
+                "sampled": self.sampled,
                 "missing": self.missing,
                 "rejected": {str(c): r for c, r in report.rejected.items()},
                 "fedit_error": report.fedit_error,
