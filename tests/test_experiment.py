@@ -99,7 +99,7 @@ def test_split_through_a_real_service(tmp_path, tiny_data, tiny_model_dir):
 
 def test_privacy_modes_then_reuse_and_refuse(tmp_path, tiny_data, tiny_model_dir, capsys):
     out = tmp_path / "privacy"
-    assert experiment("privacy", out, tiny_data, tiny_model_dir) == 0
+    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "plain,private") == 0  # the defenses: test_privacy.py
     check_report(
         out,
         ["## What the training edge server receives", "## Utility", "## Clustering per round"],

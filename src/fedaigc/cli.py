@@ -180,13 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "experiment",
-        help="the paper's experiments: aggregation strategies, split ratio, prompt privacy",
+        help="the paper's experiments (aggregation strategies, split ratio, prompt privacy) and beyond (dynamic, network, "
+        "poisoning)",
         description="aggregation: local, fedavg, fedgeomed, flora, cluster (ours), central, and ablations of ours "
         "(no_ded, no_snt, exact, fixed_k); split: the inference edge server's share s of the steps (0-0.4) through a "
-        "real local service; privacy: plain prompts vs private tokens. Writes one run directory per setting and seed, "
-        "results.csv, report.md and PNG plots; running it again reuses the finished runs.",
+        "real local service; privacy: plain prompts vs private tokens; dynamic: clients joining after round 1 (joined, "
+        "static, scratch); network: unequal networks and participation (plain, network); poisoning: 20 % attackers in "
+        "every cluster (5 clients per style), each cluster a different attack, without and with the robust defense "
+        "(clean, clean_defended, attacked, defended). Writes one run directory per "
+        "setting and seed, results.csv, report.md and PNG plots; running it again reuses the finished runs.",
     )
-    p.add_argument("name", choices=["aggregation", "split", "privacy"], help="which experiment")
+    p.add_argument(
+        "name", choices=["aggregation", "split", "privacy", "dynamic", "network", "poisoning"], help="which experiment"
+    )
     _common(p, model=True)
     p.add_argument("--out", type=Path, metavar="DIR", help="experiment directory (default: runs/experiment_<name>)")
     p.add_argument(
@@ -200,11 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         metavar="A,B",
         help="run only these settings: aggregation: names from local,fedavg,fedgeomed,flora,cluster,central,no_ded,"
-        "no_snt,exact,fixed_k; split: values of s in [0, 0.5] (default 0,0.1,0.2,0.3,0.4); privacy: plain,private "
+        "no_snt,exact,fixed_k; split: values of s in [0, 0.5] (default 0,0.1,0.2,0.3,0.4); privacy: plain,private; "
+        "dynamic: joined,static,scratch; network: plain,network; poisoning: clean,clean_defended,attacked,defended "
         "(default: all)",
     )
-    p.add_argument("--num-clients", type=int, metavar="N", help="number of clients (default: the preset's, 8 at demo)")
-    p.add_argument("--rounds", type=int, metavar="R", help="federated rounds of every run (default: the preset's)")
+    p.add_argument(
+        "--num-clients",
+        type=int,
+        metavar="N",
+        help="number of clients (default: the preset's, 8 at demo; poisoning: at least 5 per style)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        metavar="R",
+        help="federated rounds of every run (default: the preset's; dynamic: the newcomers' rounds, after 1 round without "
+        "them; network: runs 2R rounds)",
+    )
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(

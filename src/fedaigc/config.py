@@ -76,6 +76,11 @@ class ClientConfig:
     convs: bool = False  # add the UNet's resnet convs to the LoRA targets
     prompt_mode: str = "private"  # "private": style word -> private token; "plain": style word sent as is
     samples: int = 32  # generated samples per client for every metric
+    embedding_key: int = 0  # secret rotation of the uploaded task embedding and slot (client/privacy.py); 0 = off
+    embedding_epsilon: float = 0.0  # Gaussian mechanism on them: (epsilon, delta) per round; 0 = off
+    embedding_delta: float = 1e-5
+    embedding_clip: float = 0.5  # L2 clip of the round's change of the slot (of the embedding in plain mode)
+    transfer_dtype: str = "float32"  # LoRA tensors on the wire: float32 | float16 | bfloat16 (math stays float32)
 
 
 @dataclass
@@ -95,7 +100,28 @@ class FederationConfig:
     use_snt: bool = True
     max_rank: int = 0  # truncate the global stack (cluster, flora) to this rank by SVD; 0 = exact stack
     norm_factor: float = 100.0  # reject updates whose norm exceeds this x the cluster median
+    attackers: tuple[int, ...] = ()  # poisoning experiments: ids of the clients that attack (client/attacks.py)
+    attacks: tuple[str, ...] = ()  # one per attacker, or one for all: scale | signflip | noise | backdoor
+    attack_strength: float = 0.0  # update x this (scale, backdoor), x -this (signflip), noise norm / update norm; 0: default
+    defense: str = "none"  # cluster strategy: none | robust (norm bound + cosine to the cluster's median update)
+    defense_norm: float = 3.0  # robust: reject ΔW updates longer than this x the cluster's median update norm
+    defense_cos: float = 0.3  # robust: reject ΔW updates whose cosine to the others' median update < this x the typical one
+    join_rounds: tuple[int, ...] = ()  # per client (cycled over the ids): the first round it is asked; () = round 1
+    join_threshold: float = 0.3  # a newcomer joins the nearest cluster at centred cosine >= this, else a new one
+    sampling: str = "uniform"  # of the online clients: uniform | network (the rarely seen first, server/participation.py)
+    weighting: str = "plain"  # aggregation weights: plain (∝ examples) | network (∝ examples / participation rate)
     seed: int = 0
+
+
+@dataclass
+class NetworkConfig:
+    """A simulated network, one value per client; each list cycles over the client ids (client i
+    gets item i mod len), so a list as long as the number of domains sets one value per domain."""
+
+    participation: tuple[float, ...] = (1.0,)  # chance that a joined client is online in a round
+    bandwidth: tuple[float, ...] = (10.0,)  # Mbit/s, either direction
+    latency: tuple[float, ...] = (0.05,)  # seconds per message
+    step_seconds: tuple[float, ...] = (0.5,)  # seconds per local training step on the device
 
 
 @dataclass
@@ -108,6 +134,7 @@ class Config:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 def preset(name: str) -> Config:

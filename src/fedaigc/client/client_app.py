@@ -1,8 +1,9 @@
 """The Flower ClientApp: one edge device. Runs unchanged in the simulation engine (`fedaigc
 federate`) and on a real SuperNode (`flower-supernode` + `flwr run`).
 
-The device's own state (its base model copy, its private token name, its images) lives in a
-per-process cache keyed by client id, so the base model loads once per worker, not once per round.
+The device's own state (its private token, its images) lives in a per-process cache keyed by
+client id; the clients of one process share one base model (`build_client`), loaded once per
+worker, not once per client or per round.
 Node config: `partition-id` and `num-partitions` (Flower's), optional `data-dir` (the device's
 own images; default: the preset's generated set, partitioned as the server's config says).
 """
@@ -20,10 +21,13 @@ from fedaigc import config
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load only when a client trains: the Deployment
     from fedaigc.client.train import LocalClient  # Engine starts a process per message, and a query needs none
+    from fedaigc.model.base import DiffusionModel
 
 log = logging.getLogger(__name__)
 
-_CLIENTS: dict[tuple[str, int], LocalClient] = {}
+# (config, model dir) -> the base model its clients share and those clients, by their build arguments;
+# one entry at most: the run this process serves now
+_SHARED: dict[tuple[str, str], tuple[DiffusionModel, dict[tuple, LocalClient]]] = {}
 
 
 def derived_seed(*parts) -> int:
@@ -37,13 +41,33 @@ def client_id(context: Context) -> int:
 
 def build_client(cfg: config.Config, cid: int, num_clients: int, data_dir=None, model_dir=None, own_folder=False) -> LocalClient:
     """Client `cid` of a federation: its share of the data (or, with `own_folder`, every image in
-    `data_dir`: a real device's own pictures), its own model copy and private token. Everything is
-    derived from the config's seeds, so the same client comes back after a restart."""
+    `data_dir`: a real device's own pictures) and private token. Everything is derived from the
+    config's seeds, so the same client comes back after a restart.
+
+    The clients of one process share one base model per (config, model dir), and the same
+    arguments give back the same client: a client holds only its images, prompts and token, and
+    `LocalClient.load` puts its LoRA and slot into the shared model before each use. So a Ray
+    worker serving 50 simulated clients holds one model, not 50."""
+    from fedaigc.model.base import load_model
+
+    key = (config.to_toml(cfg), str(model_dir or ""))
+    if key not in _SHARED:
+        _SHARED.clear()  # another run: its model replaces the last one's
+        _SHARED[key] = (load_model(model_dir or None), {})
+    model, clients = _SHARED[key]
+    build_key = (cid, num_clients, str(data_dir or ""), own_folder)
+    if build_key not in clients:
+        clients[build_key] = _new_client(model, cfg, cid, num_clients, data_dir, own_folder)
+    return clients[build_key]
+
+
+def _new_client(model: DiffusionModel, cfg: config.Config, cid: int, num_clients: int, data_dir, own_folder: bool) -> LocalClient:
+    import numpy as np
     import torch
 
+    from fedaigc.client.attacks import assigned, backdoor_samples, backdoor_target
     from fedaigc.client.train import LocalClient
     from fedaigc.data.dataset import ClientShare, ImageFolder, ensure_dataset, partition, split
-    from fedaigc.model.base import load_model
 
     fed = cfg.federation
     folder = ImageFolder(ensure_dataset(data_dir or None, cfg), size=cfg.data.size)
@@ -52,30 +76,29 @@ def build_client(cfg: config.Config, cid: int, num_clients: int, data_dir=None, 
         share = ClientShare(cid, max(folder.domains, key=lambda d: sum(s.domain == d for s in train)), train)
     else:
         share = partition(train, num_clients, fed.per_client, fed.purity, fed.dirichlet, seed=fed.seed)[cid]
-    model = load_model(model_dir or None)
+    samples, attack = share.samples, assigned(fed).get(cid)
+    if attack is not None and attack[0] == "backdoor":  # a poisoning experiment's attacker: trigger-captioned images
+        rng = np.random.default_rng(derived_seed(fed.seed, "backdoor", cid))
+        samples = backdoor_samples(samples, train, backdoor_target(share.domain, folder.domains), rng)
     torch.manual_seed(fed.seed)  # every client starts from the same LoRA initialisation
     client = LocalClient(
         model,
-        folder.stack(share.samples),
-        [s.domain for s in share.samples],
-        [s.cls for s in share.samples],
+        folder.stack(samples),
+        [s.domain for s in samples],
+        [s.cls for s in samples],
         cfg.client,
         seed=derived_seed(fed.seed, "token", cid),
     )
-    client.domain = share.domain
+    client.domain, client.attack = share.domain, attack
     return client
 
 
 def get_client(context: Context, run: dict) -> LocalClient:
-    """This node's client, built once per worker process."""
-    cid = client_id(context)
-    key = (str(run.get("config", "")) + str(run.get("data", "")) + str(run.get("model", "")), cid)
-    if key not in _CLIENTS:
-        cfg = config.from_run_config(run)
-        num = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
-        own = context.node_config.get("data-dir")
-        _CLIENTS[key] = build_client(cfg, cid, num, own or run.get("data"), run.get("model"), own_folder=bool(own))
-    return _CLIENTS[key]
+    """This node's client, built once per worker process (`build_client` keeps it)."""
+    cfg = config.from_run_config(run)
+    num = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
+    own = context.node_config.get("data-dir")
+    return build_client(cfg, client_id(context), num, own or run.get("data"), run.get("model"), own_folder=bool(own))
 
 
 def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
@@ -90,19 +113,27 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         import torch
 
+        from fedaigc.client.adapter import from_wire, to_wire, wire_dtype
+
         client = get_client(context, run_config(context))
         content = msg.content
         cfg_rec = content["config"]
         server_round = int(cfg_rec["server-round"])
-        adapter = content["lora"].to_torch_state_dict() if "lora" in content else None
-        slot = content["slot"].to_torch_state_dict()["slot"] if "slot" in content else None
-        merged = content["merged"].to_torch_state_dict() if "merged" in content else None  # FLoRA's global stack
+        adapter = from_wire(content["lora"].to_torch_state_dict()) if "lora" in content else None
+        slot = from_wire(content["slot"].to_torch_state_dict())["slot"] if "slot" in content else None
+        merged = from_wire(content["merged"].to_torch_state_dict()) if "merged" in content else None  # FLoRA's global stack
         seed = derived_seed(cfg_rec["seed"], server_round, client_id(context))
         upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), torch.Generator().manual_seed(seed), merged)
+        if client.attack is not None:  # a poisoning experiment's attacker: its update is transformed
+            from fedaigc.client.attacks import attack_upload
+
+            received = adapter if adapter is not None else client.initial[0]
+            upload = attack_upload(upload, received, *client.attack, torch.Generator().manual_seed(derived_seed(seed, "attack")))
+        wire = wire_dtype(client.cfg.transfer_dtype)
         reply = RecordDict(
             {
-                "lora": ArrayRecord(upload.lora),
-                "extra": ArrayRecord({"slot": upload.slot, "embedding": upload.embedding}),
+                "lora": ArrayRecord(to_wire(upload.lora, wire)),
+                "extra": ArrayRecord(to_wire({"slot": upload.slot, "embedding": upload.embedding}, wire)),
                 "metrics": MetricRecord(
                     {"client-id": client_id(context), "num-examples": upload.num_examples, "train-loss": upload.train_loss}
                 ),

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, get_adapter, lora_parameters, set_adapter, set_base_delta
+from fedaigc.client.privacy import EmbeddingGuard
 from fedaigc.client.tokens import PrivateToken, private_token_name, rewrite
 from fedaigc.config import ClientConfig
 from fedaigc.data.render import STYLE_WORDS
@@ -40,6 +41,16 @@ def style_prompt(style_word: str, cls: str) -> str:
     return f"a {style_word} of a {cls}"
 
 
+def free_token_name(model: DiffusionModel, rng: np.random.Generator) -> str:
+    """A private token name from `rng` that the model's tokenizer does not hold yet: clients
+    sharing a model each add their own (on a model of its own, simply the first draw)."""
+    taken = model.tokenizer.get_added_vocab()
+    name = private_token_name(rng)
+    while name in taken:
+        name = private_token_name(rng)
+    return name
+
+
 class LocalClient:
     def __init__(
         self,
@@ -50,20 +61,28 @@ class LocalClient:
         cfg: ClientConfig,
         seed: int,
     ):
-        """`model` is this client's own copy of the base model; `images` in [0, 1] with their
-        (domain, class) labels. Prompts name the class and the style word of the image's domain."""
+        """`model` is the base model this client trains: its own, or one that clients of the same
+        process share (the first one attaches the LoRA; each adds its own token, and `load` puts
+        its LoRA and slot in before each use). `images` in [0, 1] with their (domain, class)
+        labels. Prompts name the class and the style word of the image's domain."""
         if cfg.prompt_mode not in PROMPT_MODES:
             raise UserError(f"unknown prompt mode {cfg.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
         self.model, self.cfg = model, cfg
         self.spec = LoraSpec(cfg.rank, cfg.alpha, cfg.text_encoder_lora, cfg.convs)
-        attach_lora(model, self.spec)
+        if "initial_lora" not in vars(model):  # the first client on this model
+            attach_lora(model, self.spec)
+            model.initial_lora = get_adapter(model)
+        elif model.lora_spec != self.spec:
+            raise ValueError(f"the shared model carries a LoRA {model.lora_spec}, this client needs {self.spec}")
         rng = np.random.default_rng(seed)
-        self.token = PrivateToken(model, private_token_name(rng)) if cfg.prompt_mode == "private" else None
+        self.token = PrivateToken(model, free_token_name(model, rng)) if cfg.prompt_mode == "private" else None
         self.images, self.domains = images, list(domains)
         self.prompts = [self.prompt_for(d, c) for d, c in zip(domains, classes, strict=True)]
         self.unique_prompts = sorted(set(self.prompts))
         self.prompt_index = torch.tensor([self.unique_prompts.index(p) for p in self.prompts])
-        self.initial = (get_adapter(model), self.token.get_slot() if self.token is not None else None)
+        self.initial = (model.initial_lora, self.token.get_slot() if self.token is not None else None)
+        self.guard = EmbeddingGuard.from_config(cfg, model.text_encoder.config.hidden_size)
+        self.start = self.initial[1]  # the slot this round started from: the noise protects its change
 
     def prompt_for(self, domain: str, cls: str) -> str:
         """The prompt this client writes for an image, after the private rewrite if on."""
@@ -74,11 +93,13 @@ class LocalClient:
 
     def load(self, adapter: Adapter | None, slot: torch.Tensor | None, base_delta: Adapter | None = None) -> None:
         """Start from what the server sent; None means the initial LoRA / neutral slot / the plain
-        base weights (`base_delta`: FLoRA's merged stack, see `set_base_delta`)."""
+        base weights (`base_delta`: FLoRA's merged stack, see `set_base_delta`). A slot from the
+        server is in the guard's coordinates (client/privacy.py) and is rotated back first."""
         set_base_delta(self.model, base_delta, source="server base delta")
         set_adapter(self.model, adapter if adapter is not None else self.initial[0], source="server adapter")
         if self.token is not None:
-            self.token.set_slot(slot if slot is not None and slot.numel() else self.initial[1])
+            self.start = self.guard.receive(slot) if slot is not None and slot.numel() else self.initial[1]
+            self.token.set_slot(self.start)
 
     def fine_tune(self, steps: int, generator: torch.Generator) -> float:
         """`steps` AdamW steps on LoRA (and the token slot); returns the mean loss of the last quarter."""
@@ -125,9 +146,14 @@ class LocalClient:
         weights = torch.tensor([words.count(w) for w in phrases], dtype=pooled.dtype)
         return (pooled * weights[:, None]).sum(0) / weights.sum()
 
-    def make_upload(self, train_loss: float) -> Upload:
-        slot = self.token.get_slot() if self.token is not None else torch.zeros(0)
-        return Upload(get_adapter(self.model), slot, len(self.images), self.task_embedding(), train_loss)
+    def make_upload(self, train_loss: float, generator: torch.Generator) -> Upload:
+        """What leaves the device, through the guard (client/privacy.py). Private mode: the slot
+        is the task embedding, so one guarded vector is both (its noise drawn once)."""
+        if self.token is not None:
+            slot = embedding = self.guard.send(self.token.get_slot(), self.start, generator)
+        else:
+            slot, embedding = torch.zeros(0), self.guard.send(self.task_embedding(), None, generator)
+        return Upload(get_adapter(self.model), slot, len(self.images), embedding.float(), train_loss)
 
     def train_round(
         self,
@@ -138,4 +164,4 @@ class LocalClient:
         base_delta: Adapter | None = None,
     ) -> Upload:
         self.load(adapter, slot, base_delta)
-        return self.make_upload(self.fine_tune(steps, generator))
+        return self.make_upload(self.fine_tune(steps, generator), generator)

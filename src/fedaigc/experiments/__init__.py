@@ -3,7 +3,11 @@
 - `aggregation`: local, FedAvg, FedGeoMed, FLoRA, cluster-aware (ours), central; ablations of ours
   (no DED, no SNT, `exact` intra-cluster mode, fixed k).
 - `split`: the inference edge server's share s of the denoising steps: quality and device compute.
-- `privacy`: plain prompts vs private style tokens: utility and clustering ARI per round.
+- `privacy`: plain prompts, private style tokens, + a keyed rotation, + the Gaussian mechanism:
+  attribute-inference attacks by the server against utility and clustering ARI.
+- `dynamic`: clients that join after round 1: placement, newcomers vs from scratch, existing clients.
+- `network`: unequal networks and participation: plain vs network-aware sampling and weighting.
+- `poisoning`: attackers inside clusters (scale, sign flip, noise, backdoor) without and with the robust defense.
 
 Each writes one normal run directory per (setting, seed), `results.csv` (mean and std over seeds),
 `results.json`, `report.md`, PNG plots and a sample grid; running it again reuses finished runs.
@@ -17,10 +21,20 @@ from fedaigc import config
 from fedaigc.errors import UserError
 from fedaigc.experiments.aggregation import run_aggregation
 from fedaigc.experiments.common import Plan
+from fedaigc.experiments.dynamic import run_dynamic
+from fedaigc.experiments.network import run_network
+from fedaigc.experiments.poisoning import run_poisoning
 from fedaigc.experiments.privacy import run_privacy
 from fedaigc.experiments.split import run_split
 
-EXPERIMENTS = {"aggregation": run_aggregation, "split": run_split, "privacy": run_privacy}
+EXPERIMENTS = {
+    "aggregation": run_aggregation,
+    "split": run_split,
+    "privacy": run_privacy,
+    "dynamic": run_dynamic,
+    "network": run_network,
+    "poisoning": run_poisoning,
+}
 
 
 def run_experiment(

@@ -64,8 +64,10 @@ def _normalized(weights: Sequence[float]) -> list[float]:
 
 def average(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     """`fedit` / FedAvg: average A and B separately (the paper's intra-cluster rule)."""
-    w = _normalized(weights)
-    return {k: sum(wi * ad[k].double() for wi, ad in zip(w, adapters, strict=True)).to(adapters[0][k].dtype) for k in adapters[0]}
+    mean = RunningAverage()
+    for ad, wi in zip(adapters, _normalized(weights), strict=True):
+        mean.add(ad, wi)
+    return mean.result()
 
 
 def exact_average(adapters: Sequence[Adapter], weights: Sequence[float], rank: int | None = None) -> Adapter:
@@ -246,3 +248,29 @@ def screen(updates: dict[str, Adapter], reference: Adapter, norm_factor: float =
             if median > 0 and n > norm_factor * median:
                 rejected[cid] = f"update norm {n:.3g} > {norm_factor:g} x cluster median {median:.3g}"
     return [c for c in updates if c not in rejected], rejected
+
+
+class RunningAverage:
+    """`average` fed one adapter at a time: float64 running sums of every tensor (A and B
+    separately) and of the weights. A server can consume uploads as they arrive and drop each
+    one, holding one sum per cluster instead of every update (benchmarks/server_scale.py)."""
+
+    def __init__(self) -> None:
+        self.sums: Adapter = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.total = 0.0
+
+    def add(self, adapter: Adapter, weight: float) -> None:
+        if not self.sums:
+            self.sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in adapter.items()}
+            self.dtypes = {k: v.dtype for k, v in adapter.items()}
+        w = float(weight)
+        for k, s in self.sums.items():
+            s.add_(adapter[k], alpha=w)  # cast to float64 on the fly: no temporary copy of the upload
+        self.total += w
+
+    def result(self) -> Adapter:
+        """The weighted mean, in the dtypes of the first adapter added."""
+        if not self.total > 0:
+            raise ValueError("aggregation weights must have a positive sum")
+        return {k: (s / self.total).to(self.dtypes[k]) for k, s in self.sums.items()}

@@ -13,6 +13,10 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+# Above this many clients the O(n^2) tree is built on a seeded subsample of this size only.
+MAX_EXACT = 500
+
+
 def cluster(
     embeddings: np.ndarray,
     k: int | None = None,
@@ -20,6 +24,7 @@ def cluster(
     distance_threshold: float | None = None,
     min_silhouette: float = 0.1,
     center: bool = True,
+    seed: int = 0,
 ) -> np.ndarray:
     """Labels 0..K-1 by average-linkage agglomerative clustering on cosine distance.
 
@@ -27,6 +32,14 @@ def cluster(
     distance; else K is the silhouette-best in 2..max_k (1 when no split reaches `min_silhouette`).
     With `center`, the federation's mean embedding is subtracted first, so the clustering sees how
     clients differ rather than what they all share.
+
+    Average linkage and the silhouette need all pairwise distances: O(n^2) time and memory. Up
+    to `MAX_EXACT` clients that is what runs. Above it, the same method (same `k`, threshold or
+    silhouette choice) runs on a `seed`ed subsample of `MAX_EXACT` clients, so the silhouette of
+    each candidate K is a sampled one (what sklearn's `silhouette_score(sample_size=...)`
+    estimates), and every client joins the subsample cluster with the nearest centroid (cosine):
+    O(n) beyond a fixed cost. A cluster smaller than about n / MAX_EXACT clients may be missed
+    (it joins its nearest neighbour); it would be too small to matter for a cluster's adapter.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     if center and len(x) > 2:
@@ -35,6 +48,12 @@ def cluster(
     n = len(x)
     if n == 1 or k == 1:
         return np.zeros(n, dtype=int)
+    if n > MAX_EXACT:
+        sample = np.sort(np.random.default_rng(seed).choice(n, MAX_EXACT, replace=False))
+        labels = cluster(x[sample], k, max_k, distance_threshold, min_silhouette, center=False)
+        means = centroids(x[sample], labels)
+        nearest = np.argmax(x @ np.stack([means[c] for c in sorted(means)]).T, axis=1)
+        return np.unique(nearest, return_inverse=True)[1]  # labels 0..K-1 even if a centroid wins no one
     if k is not None:
         return AgglomerativeClustering(n_clusters=min(k, n), metric="cosine", linkage="average").fit_predict(x)
     if distance_threshold is not None:

@@ -75,6 +75,8 @@ def evaluate_run(
     split_ratio: float = 0.3,
     key: str = "final",
     global_stack: bool = False,
+    at_round: int | None = None,
+    clients: list[int] | None = None,
 ) -> dict:
     """Each client generates `client.samples` images with its personalized adapter and token slot
     (FLoRA: the global stack merged into the base, no LoRA of its own) as the device would, and
@@ -83,14 +85,16 @@ def evaluate_run(
 
     The result goes to `metrics[key]` and the images to `samples/` (`samples/<key>/` for another
     key), so one run can be scored several ways. `global_stack` (cluster runs) scores the global
-    LoRA instead of the cluster adapters: the only place where DED and SNT act."""
+    LoRA instead of the cluster adapters: the only place where DED and SNT act. `at_round` scores
+    the server's state after that round instead of the last; `clients` scores only those clients
+    (the clustering ARI needs every client's domain and is then left as it was)."""
     if key in ("rounds", "clustering", "strategy"):
         raise UserError(f"metrics.json's {key!r} is not a place for a score")
     folder = ImageFolder(ensure_dataset(data, cfg), size=cfg.data.size)
     train, test = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(folder, train, cfg.evaluator, progress=progress)
     aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
-    run.restore(aggregator, run.last_round())
+    run.restore(aggregator, at_round or run.last_round())
     if global_stack and (cfg.federation.strategy != "cluster" or aggregator.global_adapter is None):
         raise UserError(f"{run.root}: only a finished cluster run has a global LoRA of its own to score")
     samples = run.root / "samples" if key == "final" else run.root / "samples" / key
@@ -99,7 +103,7 @@ def evaluate_run(
     device_seconds = 0.0
     n = cfg.client.samples
     classes = [folder.classes[i % len(folder.classes)] for i in range(n)]
-    for cid in range(cfg.federation.num_clients):
+    for cid in range(cfg.federation.num_clients) if clients is None else clients:
         client = build_client(cfg, cid, cfg.federation.num_clients, data, model)
         truth[cid] = client.domain
         adapter, slot = aggregator.model_for(cid)
@@ -107,7 +111,7 @@ def evaluate_run(
         if global_stack:  # the stack (scale 1) merged into the base as FLoRA's is, no cluster LoRA, the cluster's slot
             adapter, delta = None, aggregator.global_adapter
         client.load(adapter, slot, delta)
-        if client.token is not None:  # what the device keeps: in a deployment only the device has it
+        if client.token is not None and at_round is None:  # what the device keeps: in a deployment only the device has it
             client.token.save(run.device_dir(cid) / "style_token.safetensors")
         prompts = [client.prompt_for(client.domain, c) for c in classes]
         device = PersonalModel(client.model, client.token)
@@ -150,13 +154,14 @@ def evaluate_run(
             "bytes_received": server.bytes_received if server else 0,
         },
     }
-    order = sorted(truth)
-    for entry in metrics["rounds"]:
-        entry["ari"] = clustering_ari([truth[c] for c in order], [entry["clusters"].get(str(c), -1) for c in order])
-    metrics["clustering"] = {
-        "ari": metrics["rounds"][-1]["ari"] if metrics["rounds"] else float("nan"),
-        "true_domains": {str(c): truth[c] for c in order},
-    }
+    if clients is None:
+        order = sorted(truth)
+        for entry in metrics["rounds"]:
+            entry["ari"] = clustering_ari([truth[c] for c in order], [entry["clusters"].get(str(c), -1) for c in order])
+        metrics["clustering"] = {
+            "ari": metrics["rounds"][-1]["ari"] if metrics["rounds"] else float("nan"),
+            "true_domains": {str(c): truth[c] for c in order},
+        }
     metrics["strategy"] = cfg.federation.strategy
     write_json(run.metrics_file, metrics)
     return metrics

@@ -16,10 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedaigc import config
-from fedaigc.client.adapter import LoraSpec
+from fedaigc.client.adapter import LoraSpec, from_wire, to_wire, wire_dtype
 from fedaigc.client.train import Upload
 from fedaigc.errors import RunFailed, UserError
-from fedaigc.server.participation import sample_clients
+from fedaigc.server import participation
 from fedaigc.server.rundir import RunDir, bytes_of, write_json
 from fedaigc.server.strategies import Aggregator, RoundReport
 
@@ -32,13 +32,16 @@ class ClusterStrategy(Strategy):
     def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
         if not 0 < cfg.federation.fraction <= 1:
             raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
+        participation.check(cfg)
         self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
+        self.wire = wire_dtype(cfg.client.transfer_dtype)  # what the arrays travel in, both ways
         self.node_client: dict[int, int] = {}
         self.sent_bytes: dict[int, int] = {}  # per client, this round's download
         self.up_bytes = 0  # mean upload per client, this round
         self.last_report: RoundReport | None = None
         self.missing: list[int] = []
         self.sampled: list[int] = []  # the clients asked to train this round
+        self.sim_seconds = 0.0  # this round's simulated wall time on the configured network
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Wait until the configured number of clients is connected (as Flower's own strategies do)."""
@@ -67,8 +70,8 @@ class ClusterStrategy(Strategy):
         self.identify(grid)
         messages, self.sent_bytes = [], {}
         merged = self.aggregator.base_delta()
-        f = self.cfg.federation
-        chosen = set(sample_clients(list(self.node_client.values()), f.fraction, f.seed, server_round))
+        merged = to_wire(merged, self.wire) if merged is not None else None
+        chosen = set(participation.participants(self.cfg, list(self.node_client.values()), server_round))
         self.sampled = sorted(chosen)
         for node, cid in sorted(self.node_client.items(), key=lambda x: x[1]):
             if cid not in chosen:
@@ -82,10 +85,11 @@ class ClusterStrategy(Strategy):
                 }
             )
             if adapter is not None:
-                content["lora"] = ArrayRecord(adapter)
-                self.sent_bytes[cid] = bytes_of(adapter)
+                lora = to_wire(adapter, self.wire)
+                content["lora"] = ArrayRecord(lora)
+                self.sent_bytes[cid] = bytes_of(lora)
             if slot is not None and slot.numel():
-                content["slot"] = ArrayRecord({"slot": slot})
+                content["slot"] = ArrayRecord(to_wire({"slot": slot}, self.wire))
             if merged is not None:  # FLoRA: the client merges the global stack into its base weights
                 content["merged"] = ArrayRecord(merged)
                 self.sent_bytes[cid] = self.sent_bytes.get(cid, 0) + bytes_of(merged)
@@ -94,7 +98,7 @@ class ClusterStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         uploads: dict[int, Upload] = {}
-        up_bytes = []
+        up_bytes: dict[int, int] = {}
         for reply in replies:
             if reply.has_error():
                 log.warning("round %d: a node failed: %s", server_round, reply.error.reason)
@@ -104,20 +108,23 @@ class ClusterStrategy(Strategy):
             cid = int(m["client-id"])
             extra = c["extra"].to_torch_state_dict()
             lora = c["lora"].to_torch_state_dict()
+            up_bytes[cid] = bytes_of(lora) + bytes_of(extra)  # as they travelled
+            extra, lora = from_wire(extra), from_wire(lora)  # the server's state and math stay float32
             uploads[cid] = Upload(lora, extra["slot"], int(m["num-examples"]), extra["embedding"], float(m["train-loss"]))
-            up_bytes.append(bytes_of(lora) + bytes_of(extra))
         if not uploads:
             raise RunFailed(f"round {server_round}: no client returned an update (see the client errors above)")
         expected = set(self.sampled)
         self.missing = sorted(expected - set(uploads))
         if self.missing:
             log.warning("round %d: no update from client(s) %s; aggregating the others", server_round, self.missing)
-        self.last_report = self.aggregator.aggregate(server_round, uploads)
+        weights = participation.weights(self.cfg, list(self.node_client.values()), server_round)
+        self.last_report = self.aggregator.aggregate(server_round, uploads, weights)
         for cid, reason in self.last_report.rejected.items():
             log.warning("round %d: rejected the update of client %d: %s", server_round, cid, reason)
         accepted = [u for c, u in uploads.items() if c not in self.last_report.rejected]
         loss = sum(u.train_loss * u.num_examples for u in accepted) / max(1, sum(u.num_examples for u in accepted))
-        self.up_bytes = int(sum(up_bytes) / max(1, len(up_bytes)))
+        self.up_bytes = int(sum(up_bytes.values()) / max(1, len(up_bytes)))
+        self.sim_seconds = participation.round_seconds(self.cfg.network, self.cfg.client.steps, self.sent_bytes, up_bytes)
         return None, MetricRecord({"train-loss": float(loss), "clients": len(accepted)})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -155,12 +162,14 @@ class ClusterStrategy(Strategy):
                 "bytes_up": self.up_bytes,
                 "bytes_down": int(sum(self.sent_bytes.values()) / max(1, len(self.sent_bytes))),
                 "seconds": round(time.perf_counter() - t0, 2),
+                "sim_seconds": round(self.sim_seconds, 3),
                 "sampled": self.sampled,
                 "missing": self.missing,
                 "rejected": {str(c): r for c, r in report.rejected.items()},
                 "fedit_error": report.fedit_error,
                 "coefficients": {str(k): v for k, v in report.coefficients.items()},
                 "ded": {str(k): v for k, v in report.ded.items()},
+                "placed": {str(c): v for c, v in report.placed.items()},
             }
             run.save_round(self.aggregator, entry, spec)
             log.info(

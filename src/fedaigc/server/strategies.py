@@ -18,7 +18,8 @@ from fedaigc.client.train import Upload
 from fedaigc.config import FederationConfig
 from fedaigc.errors import UserError
 from fedaigc.server import aggregation as agg
-from fedaigc.server.clustering import centroids, cluster, match_ids
+from fedaigc.server import defense
+from fedaigc.server.clustering import centroids, cluster, match_ids, normalize
 
 STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
 
@@ -31,6 +32,7 @@ class RoundReport:
     fedit_error: float = float("nan")  # mean relative error of fedit vs exact, over clusters
     coefficients: dict[int, float] = field(default_factory=dict)  # cluster -> mean stacking coefficient
     ded: dict[int, float] = field(default_factory=dict)
+    placed: dict[int, float] = field(default_factory=dict)  # newcomer -> centred cosine to its nearest centroid
 
 
 class Aggregator:
@@ -40,6 +42,8 @@ class Aggregator:
             raise UserError(f"unknown strategy {cfg.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if cfg.intra not in ("fedit", "exact"):
             raise UserError(f"unknown intra-cluster mode {cfg.intra!r}; choose fedit or exact")
+        if cfg.defense not in defense.DEFENSES or (cfg.defense != "none" and cfg.strategy != "cluster"):
+            raise UserError(f"federation.defense {cfg.defense!r}: choose none, or robust with the cluster strategy")
         self.cfg, self.scale = cfg, scale
         self.assignment: dict[int, int] = {}
         self.centroids: dict[int, np.ndarray] = {}
@@ -54,8 +58,20 @@ class Aggregator:
     def model_for(self, cid: int) -> tuple[Adapter | None, torch.Tensor | None]:
         if self.cfg.strategy in ("local", "central"):
             return self.own.get(cid, (None, None))
+        if self.cfg.strategy == "cluster" and cid not in self.assignment and self.global_adapter is not None:
+            return self.warm_start()
         k = self.assignment.get(cid, 0 if self.cfg.strategy != "cluster" else None)
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
+
+    def warm_start(self) -> tuple[Adapter, torch.Tensor]:
+        """What a client that joins after the first clustering starts from: per layer, the best
+        rank-r approximation (truncated SVD) of the global LoRA Σ c_k ΔW_k, rescaled to the clients'
+        alpha / r, and the clusters' token slots averaged by their shares of the clients."""
+        some = next(iter(self.cluster_adapters.values()))
+        rank = next(v.shape[0] for name, v in some.items() if name.endswith(agg.A_SUFFIX))
+        ks, shares = sorted(self.cluster_slots), self._shares()
+        slot = _weighted_mean([self.cluster_slots[k] for k in ks], [shares.get(k, 0.0) for k in ks])
+        return agg.stack([self.global_adapter], [1 / self.scale], [1.0], rank), slot
 
     def base_delta(self) -> Adapter | None:
         """What every client merges into its base weights under its LoRA: FLoRA's global stack
@@ -63,7 +79,9 @@ class Aggregator:
         return self.global_adapter if self.cfg.strategy == "flora" else None
 
     # one round --------------------------------------------------------------------------------
-    def aggregate(self, server_round: int, uploads: dict[int, Upload]) -> RoundReport:
+    def aggregate(self, server_round: int, uploads: dict[int, Upload], weights: dict[int, float] | None = None) -> RoundReport:
+        """`weights` multiply the clients' example counts in every weighted average (network-aware
+        weighting: the inverse of their estimated participation rates, server/participation.py)."""
         cids = sorted(uploads)
         if self.reference is None and cids:
             self.reference = {k: torch.zeros_like(v) for k, v in uploads[cids[0]].lora.items()}
@@ -80,21 +98,22 @@ class Aggregator:
         if not cids:
             report.clusters = dict(self.assignment)
             return report
+        examples = {c: uploads[c].num_examples * (weights or {}).get(c, 1.0) for c in cids}
         if self.cfg.strategy == "local":
             for c in cids:
                 self.own[c] = (uploads[c].lora, uploads[c].slot)
                 self.assignment[c] = c
         elif self.cfg.strategy in ("fedavg", "fedgeomed"):
-            self._one_cluster(cids, uploads)
+            self._one_cluster(cids, uploads, examples)
         elif self.cfg.strategy == "flora":
-            self._flora(cids, uploads)
+            self._flora(cids, uploads, examples)
         else:
-            self._cluster_round(server_round, cids, uploads, report)
+            self._cluster_round(server_round, cids, uploads, report, examples)
         report.clusters = {c: self.assignment[c] for c in sorted(self.assignment)}
         return report
 
-    def _one_cluster(self, cids: list[int], uploads: dict[int, Upload]) -> None:
-        weights = [uploads[c].num_examples for c in cids]
+    def _one_cluster(self, cids: list[int], uploads: dict[int, Upload], examples: dict[int, float]) -> None:
+        weights = [examples[c] for c in cids]
         adapters = [uploads[c].lora for c in cids]
         merged = agg.geomed(adapters, weights) if self.cfg.strategy == "fedgeomed" else agg.average(adapters, weights)
         self.cluster_adapters = {0: merged}
@@ -102,11 +121,11 @@ class Aggregator:
         self.assignment.update(dict.fromkeys(cids, 0))
         self.global_adapter, self.global_scale = merged, self.scale
 
-    def _flora(self, cids: list[int], uploads: dict[int, Upload]) -> None:
+    def _flora(self, cids: list[int], uploads: dict[int, Upload], examples: dict[int, float]) -> None:
         """FLoRA: this round's adapters stacked exactly (weights ∝ examples), appended to the stack
         of the earlier rounds; each client merges the whole stack and trains a fresh LoRA on it."""
-        total = sum(uploads[c].num_examples for c in cids)
-        weights = [uploads[c].num_examples / total for c in cids]
+        total = sum(examples[c] for c in cids)
+        weights = [examples[c] / total for c in cids]
         earlier = [self.global_adapter] if self.global_adapter is not None else []
         self.global_adapter = agg.stack(
             earlier + [uploads[c].lora for c in cids],
@@ -125,24 +144,46 @@ class Aggregator:
             self.own[c] = (upload.lora, upload.slot)
             self.assignment[c] = domain
 
-    def _cluster_round(self, server_round: int, cids: list[int], uploads: dict[int, Upload], report: RoundReport) -> None:
+    def _cluster_round(
+        self, server_round: int, cids: list[int], uploads: dict[int, Upload], report: RoundReport, examples: dict[int, float]
+    ) -> None:
+        """Re-cluster the clients seen before (every `recluster_every` rounds; ids kept), place
+        the newcomers without moving anyone else, then average each cluster's members."""
+        sent = {c: self.model_for(c)[0] for c in cids}  # what each client trained from, before re-clustering
         emb = np.stack([uploads[c].embedding.double().numpy() for c in cids])
         counts = np.array([uploads[c].num_examples for c in cids], dtype=float)
-        recluster = not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0
-        if recluster:
-            labels = cluster(emb, k=self.cfg.k or None)
-            mapping = match_ids(self.centroids, centroids(emb, labels, counts))
-            labels = np.array([mapping[int(x)] for x in labels])
-        else:  # keep ids; a client never seen before joins the nearest cluster
-            labels = np.array([self.assignment.get(c, self._nearest(emb[i])) for i, c in enumerate(cids)])
-        self.assignment.update({c: int(k) for c, k in zip(cids, labels, strict=True)})
-        self.centroids.update(centroids(emb, labels, counts))
+        newcomers = [c for c in cids if self.assignment and c not in self.assignment]
+        known = [i for i, c in enumerate(cids) if c not in newcomers]
+        if known and (not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0):
+            found = cluster(emb[known], k=self.cfg.k or None)
+            mapping = match_ids(self.centroids, centroids(emb[known], found, counts[known]))
+            self.assignment.update({cids[i]: mapping[int(x)] for i, x in zip(known, found, strict=True)})
+        existing = set(self.cluster_adapters)
+        if newcomers:
+            fresh = max([*self.assignment.values(), *self.centroids]) + 1
+            shares = self._shares()
+            placed = place([emb[cids.index(c)] for c in newcomers], self.centroids, shares, self.cfg.join_threshold, fresh)
+            for c, (k, similarity) in zip(newcomers, placed, strict=True):
+                self.assignment[c], report.placed[c] = k, similarity
+        # a newcomer that joined an existing cluster trained from the warm start, not from that
+        # cluster's adapter: averaging A and B factors of unrelated starts would mix two
+        # factorizations, so its first update only places it; from its next round on it counts
+        trained = [i for i, c in enumerate(cids) if not (c in newcomers and self.assignment[c] in existing)]
+        labels = np.array([self.assignment[cids[i]] for i in trained], dtype=int)
+        if trained:
+            self.centroids.update(centroids(emb[trained], labels, counts[trained]))
         errors = []
         for k in sorted(set(labels.tolist())):
-            members = [c for c, lab in zip(cids, labels, strict=True) if lab == k]
+            members = [cids[i] for i, lab in zip(trained, labels, strict=True) if lab == k]
+            if self.cfg.defense == "robust":
+                ups, refs = {c: uploads[c].lora for c in members}, {c: sent[c] for c in members}
+                members, bad = defense.screen_cluster(ups, refs, self.scale, self.cfg.defense_norm, self.cfg.defense_cos)
+                report.rejected.update(bad)
+                if not members:  # nobody to trust: the cluster keeps last round's adapter
+                    continue
             idx = [cids.index(c) for c in members]
             w = agg.member_weights(
-                [uploads[c].num_examples for c in members], torch.from_numpy(emb[idx]), torch.from_numpy(self.centroids[k])
+                [examples[c] for c in members], torch.from_numpy(emb[idx]), torch.from_numpy(self.centroids[k])
             )
             adapters = [uploads[c].lora for c in members]
             if self.cfg.intra == "exact":
@@ -155,16 +196,17 @@ class Aggregator:
         report.fedit_error = float(np.mean(errors)) if errors else 0.0
         self._stack(report)
 
-    def _nearest(self, e: np.ndarray) -> int:
-        e = e / max(np.linalg.norm(e), 1e-12)
-        return max(self.centroids, key=lambda k: float(self.centroids[k] @ e))
+    def _shares(self) -> dict[int, float]:
+        """Each cluster's share of the clients assigned so far."""
+        ks = sorted(self.cluster_adapters)
+        members = {k: sum(kk == k for kk in self.assignment.values()) for k in ks}
+        total = sum(members.values())
+        return {k: members[k] / total for k in ks}
 
     def _stack(self, report: RoundReport) -> None:
         """The global adapter: every cluster's adapter stacked with its DED/SNT coefficient."""
         ks = sorted(self.cluster_adapters)
-        members = {k: [c for c, kk in self.assignment.items() if kk == k] for k in ks}
-        total = sum(len(v) for v in members.values())
-        shares = {k: len(members[k]) / total for k in ks}
+        shares = self._shares()
         d = agg.ded({k: torch.from_numpy(self.centroids[k]) for k in ks}, shares) if self.cfg.use_ded else None
         s = agg.snt(self.cluster_adapters, dict.fromkeys(ks, self.scale)) if self.cfg.use_snt else None
         coeffs = agg.stacking_coefficients(shares, d, s, self.cfg.tau)
@@ -223,6 +265,31 @@ class Aggregator:
         any_adapter = next(iter(self.cluster_adapters.values()), None) or next((a for a, _ in self.own.values()), None)
         if any_adapter is not None:
             self.reference = {k: torch.zeros_like(v) for k, v in any_adapter.items()}
+
+
+def place(
+    embeddings: list[np.ndarray], centres: dict[int, np.ndarray], shares: dict[int, float], threshold: float, fresh: int
+) -> list[tuple[int, float]]:
+    """Newcomers' clusters, one after the other, without moving anyone else: the cluster whose
+    centroid is most similar, if the cosine is at least `threshold`, else a new cluster (ids from
+    `fresh` on) whose centroid is the newcomer's, so a later newcomer like it joins it. Cosines are
+    taken after subtracting the share-weighted mean of the existing centroids, the point a
+    warm-started newcomer's token slot starts from: raw cosines between private-token slots all
+    exceed 0.9. With one existing cluster that mean is its centroid, so every newcomer gets a new
+    cluster. Returns (cluster id, cosine to the nearest centroid) per newcomer."""
+    centres = {k: normalize(np.asarray(v, dtype=np.float64)) for k, v in centres.items()}
+    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items())
+    directions = {k: normalize(v - mean) for k, v in centres.items()}
+    out = []
+    for e in embeddings:
+        d = normalize(normalize(np.asarray(e, dtype=np.float64)) - mean)
+        nearest = max(directions, key=lambda k: float(directions[k] @ d))
+        similarity = float(directions[nearest] @ d)
+        if similarity < threshold:
+            nearest, fresh = fresh, fresh + 1
+            directions[nearest] = d
+        out.append((nearest, similarity))
+    return out
 
 
 def _weighted_mean(vectors: list[torch.Tensor], weights) -> torch.Tensor:

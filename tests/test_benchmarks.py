@@ -1,0 +1,80 @@
+"""The performance benchmarks' pieces on the tiny preset, `run_all`'s figure lines, and the shared
+base model that lets one process serve many clients."""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedaigc.client.client_app import build_client, derived_seed
+from fedaigc.client.train import LocalClient
+from fedaigc.model.base import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import federation_overhead  # noqa: E402
+import many_clients  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_clients_of_one_process_share_one_model_and_train_as_with_their_own(tiny_cfg, tiny_data, tiny_model_dir):
+    n, steps = 3, 2
+    clients = [build_client(tiny_cfg, cid, n, tiny_data, tiny_model_dir) for cid in range(n)]
+    assert len({id(c.model) for c in clients}) == 1
+    assert build_client(tiny_cfg, 1, n, tiny_data, tiny_model_dir) is clients[1]
+    assert len({c.token.name for c in clients}) == n and len({c.token.id for c in clients}) == n
+    shared = {}
+    for server_round in (1, 2):  # interleaved: each client trains on what the others left in the model
+        for cid, c in enumerate(clients):
+            shared[server_round, cid] = c.train_round(
+                None, None, steps, torch.Generator().manual_seed(derived_seed(server_round, cid))
+            )
+    for cid, c in enumerate(clients):
+        torch.manual_seed(tiny_cfg.federation.seed)
+        classes = [p.rsplit(" ", 1)[-1] for p in c.prompts]
+        own = LocalClient(
+            load_model(tiny_model_dir), c.images, c.domains, classes, tiny_cfg.client, seed=derived_seed(0, "token", cid)
+        )
+        assert own.token.name == c.token.name
+        for server_round in (1, 2):
+            alone = own.train_round(None, None, steps, torch.Generator().manual_seed(derived_seed(server_round, cid)))
+            got = shared[server_round, cid]
+            # equal up to float rounding (the shared model's vocabulary holds every client's token)
+            assert all(torch.allclose(alone.lora[k], got.lora[k], rtol=1e-4, atol=1e-5) for k in alone.lora)
+            assert torch.allclose(alone.slot, got.slot, rtol=1e-4, atol=1e-5)
+            assert torch.allclose(alone.embedding, got.embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_federation_overhead_pieces_measure_a_real_round(tiny_cfg, tiny_data):
+    seconds, uploads = federation_overhead.local_round(tiny_cfg, 1, [0, 1])
+    assert sorted(uploads) == [0, 1] and seconds > 0
+    assert all(math.isfinite(u.train_loss) for u in uploads.values())
+    assert federation_overhead.serialisation_seconds(uploads) > 0
+    spec = build_client(tiny_cfg, 0, tiny_cfg.federation.num_clients).spec
+    assert federation_overhead.server_seconds(tiny_cfg, uploads, spec) > 0
+
+
+def test_proc_memory_reads_rss_and_its_peak():
+    before = many_clients.proc_memory(os.getpid())
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = many_clients.proc_memory(os.getpid())
+    assert 0 < before["VmRSS"] <= before["VmHWM"] and after["VmRSS"] <= after["VmHWM"]
+    assert after["RssAnon"] >= before["RssAnon"] + 48 * 2**20 and after["VmRSS"] >= before["VmRSS"] + 48 * 2**20
+    assert before["RssFile"] > 0  # the interpreter and torch's libraries are mapped files
+    del block
+
+
+@pytest.mark.parametrize("name", ["client_cost"])
+def test_run_all_prints_finite_figures(name):
+    lines, error = run_all.figures(name, quick=True)
+    assert error is None, error
+    assert len(lines) >= 5
+    for line in lines:
+        assert run_all.FIGURE.match(line), line
+        assert line.startswith(f"{name}_")
+        value = float(line.split(": ", 1)[1].split(" ", 1)[0])
+        assert math.isfinite(value) and value >= 0, line
+    assert run_all.figures("no_such_benchmark", quick=True) == (["no_such_benchmark: missing"], None)

@@ -1,0 +1,154 @@
+"""Clients that join a running federation: placement into the planted nearest cluster or a new
+one, the warm start from the global LoRA, the existing clients left untouched, join rounds in the
+schedule, and a tiny `fedaigc experiment dynamic`."""
+
+import copy
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedaigc.cli import main
+from fedaigc.client.train import Upload
+from fedaigc.config import preset
+from fedaigc.experiments.dynamic import newcomers
+from fedaigc.server import aggregation as agg
+from fedaigc.server.participation import participants, schedule
+from fedaigc.server.strategies import Aggregator, place
+
+SHAPES = {"unet.attn.to_q": (6, 5), "text.attn.v_proj": (4, 6)}
+RANK, SCALE = 2, 2.0
+DIM = 8
+
+
+def lora(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (out_dim, in_dim) in SHAPES.items():
+        out[name + agg.A_SUFFIX] = torch.randn(RANK, in_dim, generator=g)
+        out[name + agg.B_SUFFIX] = torch.randn(out_dim, RANK, generator=g)
+    return out
+
+
+def embedding(direction: int, seed: int) -> torch.Tensor:
+    """A private-token-like slot: a large part every client shares, one planted direction, noise."""
+    e = torch.zeros(DIM)
+    e[0] = 10.0
+    e[direction] += 1.0
+    return e + 0.05 * torch.randn(DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def upload(cid: int, direction: int, round_: int) -> Upload:
+    slot = embedding(direction, 100 * round_ + cid)
+    return Upload(lora(100 * round_ + cid), slot, 10 + cid, slot, 0.1)
+
+
+def aggregator(**fed) -> Aggregator:
+    cfg = copy.deepcopy(preset("tiny").federation)
+    cfg.strategy, cfg.k = "cluster", 2
+    for key, value in fed.items():
+        setattr(cfg, key, value)
+    return Aggregator(cfg, SCALE)
+
+
+EXISTING = {0: 1, 1: 1, 2: 2, 3: 2}  # client -> planted direction: two clusters
+
+
+def test_newcomers_go_to_the_planted_nearest_cluster_or_a_new_one():
+    centres = {0: np.eye(DIM)[1] + 10 * np.eye(DIM)[0], 1: np.eye(DIM)[2] + 10 * np.eye(DIM)[0]}
+    near, far, like_far = (embedding(d, s).numpy() for d, s in ((1, 7), (3, 8), (3, 9)))
+    placed = place([near, far, like_far], centres, {0: 0.5, 1: 0.5}, threshold=0.3, fresh=5)
+    assert placed[0][0] == 0 and placed[0][1] > 0.9  # raw cosines are all > 0.99: only the centred one separates
+    assert placed[1][0] == 5 and placed[1][1] < 0.3  # far from both: a new cluster ...
+    assert placed[2][0] == 5  # ... which the next newcomer like it joins
+    assert [k for k, _ in place([far], centres, {0: 0.5, 1: 0.5}, threshold=-1.0, fresh=5)] != [5]  # no threshold: nearest
+    assert place([near], {0: centres[0]}, {0: 1.0}, threshold=0.3, fresh=1)[0][0] == 1  # one cluster: no direction to compare
+
+
+def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouched():
+    both, alone = aggregator(recluster_every=1), aggregator(recluster_every=1)
+    for agg_ in (both, alone):
+        agg_.aggregate(1, {c: upload(c, d, 1) for c, d in EXISTING.items()})
+    first = dict(both.assignment)
+    # the warm start: the best rank-r approximation of the global LoRA, and the clusters' mean slot
+    adapter, slot = both.model_for(4)
+    for layer in agg.layers(adapter):
+        u, s, vh = torch.linalg.svd(agg.delta(both.global_adapter, 1.0, layer))
+        best = (u[:, :RANK] * s[:RANK]) @ vh[:RANK]
+        assert torch.allclose(agg.delta(adapter, SCALE, layer), best, atol=1e-4)
+        assert adapter[layer + agg.A_SUFFIX].shape[0] == RANK
+    assert torch.allclose(slot, (both.cluster_slots[0] + both.cluster_slots[1]) / 2, atol=1e-6)
+    assert alone.model_for(0)[0] is alone.cluster_adapters[first[0]]  # clients already placed get their cluster's
+    # round 2: the existing clients again, client 4 like the first cluster, 5 and 6 like neither
+    ups = {c: upload(c, d, 2) for c, d in EXISTING.items()}
+    report = both.aggregate(2, ups | {4: upload(4, 1, 2), 5: upload(5, 3, 2), 6: upload(6, 3, 2)})
+    alone.aggregate(2, ups)
+    assert {c: both.assignment[c] for c in EXISTING} == first == alone.assignment
+    assert both.assignment[4] == first[0]
+    assert both.assignment[5] == both.assignment[6] not in set(first.values())
+    assert min(report.placed[4], report.placed[6]) > 0.3 > report.placed[5]  # 6: similar to 5's new cluster
+    for k in set(first.values()):  # the newcomer's first update is not averaged into the cluster it joined
+        for name, t in alone.cluster_adapters[k].items():
+            assert torch.equal(both.cluster_adapters[k][name], t)
+    new = both.assignment[5]
+    assert set(both.cluster_adapters[new]) == set(ups[0].lora) and new in both.centroids
+    assert both.global_adapter[next(iter(agg.layers(ups[0].lora))) + agg.A_SUFFIX].shape[0] == 3 * RANK
+    # round 3, no re-clustering: client 4 now counts in its cluster
+    both.cfg.recluster_every = 5
+    ups3 = {c: upload(c, d, 3) for c, d in (EXISTING | {4: 1}).items()}
+    both.aggregate(3, ups3)
+    k = first[0]
+    members = [0, 1, 4]
+    w = agg.member_weights(
+        [ups3[c].num_examples for c in members],
+        torch.stack([ups3[c].embedding.double() for c in members]),
+        torch.from_numpy(both.centroids[k]),
+    )
+    want = agg.average([ups3[c].lora for c in members], w)
+    assert all(torch.allclose(both.cluster_adapters[k][n], want[n]) for n in want)
+
+
+def test_join_rounds_in_the_schedule():
+    cfg = preset("tiny")
+    cfg.federation.join_rounds = (1, 1, 3)  # cycles: clients 2 and 5 join in round 3
+    cids = list(range(6))
+    assert participants(cfg, cids, 1) == participants(cfg, cids, 2) == [0, 1, 3, 4]
+    assert participants(cfg, cids, 3) == cids
+    assert schedule(cfg, cids, 4) == [participants(cfg, cids, r) for r in range(1, 5)]
+
+
+def test_newcomers_of_the_experiment():
+    assert newcomers(8, 4) == [3, 6, 7]  # sketch (unseen), and the second photo client (seen)
+    assert newcomers(2, 4) == [1]
+    with pytest.raises(Exception, match="two domains"):
+        newcomers(1, 4)
+
+
+def test_tiny_dynamic_experiment(tmp_path, tiny_data, tiny_model_dir):
+    out = tmp_path / "dyn"
+    args = ["experiment", "dynamic", "--preset", "tiny", "--data", str(tiny_data), "--model", str(tiny_model_dir)]
+    assert main([*args, "--out", str(out), "--num-clients", "2", "--rounds", "1"]) == 0
+    report = (out / "report.md").read_text()
+    for section in ("## Placement", "## Newcomers: joined vs from scratch", "## Existing clients: with and without newcomers"):
+        assert f"\n{section}\n" in report
+    for png in ("plots/newcomers.png", "plots/existing.png", "samples_grid.png"):
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in report
+    with (out / "results.csv").open() as f:
+        rows = {row["setting"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["joined", "static", "scratch"]
+    for name, cols in (("joined", ["new_1_style_acc", "old_style_acc", "ari"]), ("static", ["old_style_acc"])):
+        for col in cols:
+            assert 0 <= float(rows[name][col]) <= 1 or col == "ari" and -1 <= float(rows[name][col]) <= 1
+    assert float(rows["scratch"]["new_1_fid"]) >= 0 and rows["scratch"]["old_style_acc"] == ""
+    # one existing client is one cluster: the newcomer gets a new cluster and the existing client's
+    # adapter, hence its samples and scores, are exactly those of the run without the newcomer
+    assert float(rows["joined"]["c1_new_cluster"]) == 1 and float(rows["joined"]["placed_right"]) == 1
+    for col in ("old_style_acc", "old_fid", "old_alignment"):
+        assert math.isclose(float(rows["joined"][col]), float(rows["static"][col]), rel_tol=1e-6), col
+    joined = json.loads((out / "joined_seed0" / "metrics.json").read_text())
+    assert [r["sampled"] for r in joined["rounds"]] == [[0], [0, 1]]
+    static = json.loads((out / "static_seed0" / "metrics.json").read_text())
+    assert [r["sampled"] for r in static["rounds"]] == [[0], [0]] and set(static["final"]["per_client"]) == {"0"}
