@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 from many_clients import MIB, proc_memory  # benchmarks/ is on the path when run as a script
@@ -55,6 +56,19 @@ def activation_bytes(client: LocalClient) -> int:
     return sum(storages.values())
 
 
+def mapped_files() -> dict[str, int]:
+    """RSS in bytes of each file this process maps (libraries and weight files), from /proc/self/smaps."""
+    rss: dict[str, int] = {}
+    name = ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if not head[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+            name = head[5] if len(head) > 5 and head[5].startswith("/") else ""
+        elif head[0] == "Rss:" and name:
+            rss[name] = rss.get(name, 0) + int(head[1]) * 1024
+    return rss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="demo")
@@ -63,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = preset("tiny" if args.quick else args.preset)
     steps = 3 if args.quick else args.steps
-    start = proc_memory(os.getpid())
+    start, files_before = proc_memory(os.getpid()), mapped_files()
     runtime = start["VmRSS"]
     client = build_client(cfg, 0, cfg.federation.num_clients)
     slot = [client.token.get_slot()] if client.token is not None else []
@@ -89,7 +103,10 @@ def main() -> None:
     print(f"{name}_activations_mib: {activations / MIB:.1f} (saved for backward, one batch)")
     print(f"{name}_data_mib: {data / MIB:.1f} (the client's images and latents)")
     mapped = (end["RssFile"] - start["RssFile"]) / MIB
-    print(f"{name}_mapped_model_files_mib: {mapped:.0f} (RSS of files mapped after the runtime: weights read in place)")
+    print(f"{name}_mapped_files_growth_mib: {mapped:.0f} (RSS of mapped files that grew after the runtime: see below)")
+    grown = {f: b - files_before.get(f, 0) for f, b in mapped_files().items()}
+    for path, b in sorted(grown.items(), key=lambda kv: -kv[1])[:4]:
+        print(f"{name}_mapped_mib[{Path(path).name}]: {b / MIB:.0f} (paged in after the runtime was imported)")
     print(f"{name}_excess_ratio: {(peak - runtime) / need:.2f} (target <= 1.0: peak RSS above the runtime / what it must hold)")
 
 

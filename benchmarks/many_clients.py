@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from fedaigc.config import preset
+from fedaigc.eval.plots import curves
 from fedaigc.server.federate import simulate
 from fedaigc.server.rundir import RunDir
 
@@ -101,7 +102,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="20 clients, 2 rounds: a smoke run")
     ap.add_argument("--out", type=Path, help="keep the run directory here (default: a temporary one)")
+    ap.add_argument("--plot", type=Path, help="RSS per round (default: docs/img/many_clients_rss.png; none with --quick)")
     args = ap.parse_args()
+    plot_path = args.plot or (None if args.quick else Path("docs/img/many_clients_rss.png"))
     if args.quick:
         args.clients, args.rounds = 20, 2
     logging.basicConfig(level=logging.WARNING)
@@ -136,6 +139,13 @@ def main() -> None:
     for r, mib in enumerate(per_round, 1):
         print(f"{name}_workers_rss_after_round_{r}_mib: {mib:.0f} (flat across rounds)")
     growth = per_round[-1] - per_round[0] if len(per_round) > 1 else math.nan
+    if plot_path is not None:
+        xs = list(range(1, args.rounds + 1))
+        series = {"all workers": (xs, per_round)}
+        for i, pid in enumerate(sorted(watch.peak), 1):
+            series[f"worker {i}"] = (xs, [after[r].rss.get(pid, math.nan) / MIB if r in after else math.nan for r in xs])
+        title = f"Ray workers' RSS after each round ({args.clients} clients, {args.fraction:.0%} sampled)"
+        curves(series, title, "round", "RSS (MiB)", plot_path)
     print(f"{name}_workers_rss_growth_round_1_to_{args.rounds}_mib: {growth:.0f} (~0: no growth with rounds)")
 
 

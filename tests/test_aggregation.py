@@ -66,6 +66,11 @@ def test_nuclear_norm_from_the_core_matches_the_full_svd():
     for layer in agg.layers(ad):
         b, a = agg.factors(ad, layer)
         assert abs(agg.nuclear_norm(b, a) - torch.linalg.svdvals(b @ a).sum().item()) < 1e-6
+    pairs = [agg.factors(random_lora(seed=s), agg.layers(ad)[0]) for s in range(5)]
+    batched = agg.nuclear_norms(pairs)  # one batched call for the clusters of a layer
+    assert batched == pytest.approx([torch.linalg.svdvals(b @ a).sum().item() for b, a in pairs], rel=1e-9)
+    mixed = [pairs[0], agg.factors(ad, agg.layers(ad)[-1])]  # shapes differ: one by one
+    assert agg.nuclear_norms(mixed) == pytest.approx([agg.nuclear_norm(b, a) for b, a in mixed], rel=1e-12)
 
 
 def test_snt_and_ded_and_coefficients():

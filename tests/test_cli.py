@@ -106,3 +106,20 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     result = json.loads((out / "evaluation.json").read_text())
     assert 0 <= result["base_model"]["class_acc"] <= 1 and result["base_model"]["samples"] == 12
     assert (out / "base_grid.png").is_file() and (out / "real_grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('[client]\ntransfer_dtype = "fp8"\n', "client.transfer_dtype 'fp8'"),
+        ("[federation]\nfraction = 0.0\n", "federation.fraction must be in (0, 1]"),
+        ('[federation]\nstrategy = "fedprox"\n', "unknown strategy 'fedprox'"),
+    ],
+)
+def test_a_bad_federation_config_fails_before_the_simulation_starts(toml, message, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml)
+    out = tmp_path / "run"
+    assert main(["federate", "--preset", "tiny", "--config", str(bad), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "config.toml").exists()  # refused before anything was written or Ray started

@@ -22,7 +22,7 @@ from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
 from fedaigc.server.central import run_central
 from fedaigc.server.rundir import RunDir, write_json
-from fedaigc.server.server_app import make_server_app
+from fedaigc.server.server_app import check_config, make_server_app
 from fedaigc.server.strategies import Aggregator
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
         saved = json.loads(sources.read_text()) if sources.is_file() else {}
         data = data or (Path(saved["data"]) if saved.get("data") else None)
         model = model or (Path(saved["model"]) if saved.get("model") else None)
+    check_config(cfg)
     config.save(cfg, run.root / "config.toml")
     paths = {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""}
     write_json(sources, paths)

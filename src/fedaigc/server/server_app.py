@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedaigc import config
 from fedaigc.client.adapter import LoraSpec, from_wire, to_wire, wire_dtype
-from fedaigc.client.train import Upload
+from fedaigc.client.train import PROMPT_MODES, Upload
 from fedaigc.errors import RunFailed, UserError
 from fedaigc.server import participation
 from fedaigc.server.rundir import RunDir, bytes_of, write_json
@@ -26,13 +26,23 @@ from fedaigc.server.strategies import Aggregator, RoundReport
 log = logging.getLogger(__name__)
 
 
+def check_config(cfg: config.Config) -> None:
+    """Refuse a config the server or the clients would refuse, by the key's name: `simulate` calls it
+    before Ray starts, so a typo fails in a second with a clear message instead of inside an actor."""
+    if not 0 < cfg.federation.fraction <= 1:
+        raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
+    if cfg.client.prompt_mode not in PROMPT_MODES:
+        raise UserError(f"unknown client.prompt_mode {cfg.client.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
+    participation.check(cfg)
+    wire_dtype(cfg.client.transfer_dtype)
+    Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+
+
 class ClusterStrategy(Strategy):
     """Sends per-node arrays (its cluster's adapter), aggregates with an `Aggregator`."""
 
     def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
-        if not 0 < cfg.federation.fraction <= 1:
-            raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
-        participation.check(cfg)
+        check_config(cfg)
         self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
         self.wire = wire_dtype(cfg.client.transfer_dtype)  # what the arrays travel in, both ways
         self.node_client: dict[int, int] = {}
