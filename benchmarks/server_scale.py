@@ -21,6 +21,10 @@ that process's peak resident memory above where it started (VmHWM - VmRSS), less
 code it pages in meanwhile (growth of RssFile, about 10 MiB: shared and already in the page
 cache), so it counts torch's allocations, which tracemalloc does not see.
 
+Each process first aggregates a small federation of the same shapes untimed: a server does this
+every round, so one-off first-call costs (lazy library set-up) are not part of the per-round
+figure.
+
 Not counted: receiving and deserialising uploads (the same for both methods), and the
 fedit-vs-exact error diagnostic the `cluster` strategy also reports (it needs every member's
 factors at once, so it does not stream).
@@ -171,11 +175,14 @@ def _kb(field: str) -> int:
 def _job(method: str, shapes: dict[str, tuple[int, ...]], n: int, clusters: int) -> dict[str, float]:
     """One measurement, in a fresh forked process: times, and peak memory above the start."""
     torch.set_num_threads(1)
+    run = (lambda f: cluster_aware(f, FederationConfig())) if method == "cluster" else fedavg
+    run(synthetic(shapes, 3 * clusters, clusters, seed=1))  # warm-up: a server aggregates every round, so
+    # the first call's one-off costs (lazy library initialisation, code paged in) are not the per-round cost
     fed = synthetic(shapes, n, clusters)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # return the free heap making the inputs left, or reusing it would not show
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
     start, code = _kb("VmRSS"), _kb("RssFile")
-    out = cluster_aware(fed, FederationConfig()) if method == "cluster" else fedavg(fed)
+    out = run(fed)
     # library code a forked child pages in on first use is resident but not allocated: not counted
     return out | {"peak_mib": (_kb("VmHWM") - start - (_kb("RssFile") - code)) / 1024}
 
