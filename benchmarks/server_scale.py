@@ -50,6 +50,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, expected_shapes  # noqa: E402
 from fedaigc.config import FederationConfig, preset  # noqa: E402
@@ -175,6 +176,7 @@ def _kb(field: str) -> int:
 def _job(method: str, shapes: dict[str, tuple[int, ...]], n: int, clusters: int) -> dict[str, float]:
     """One measurement, in a fresh forked process: times, and peak memory above the start."""
     torch.set_num_threads(1)
+    threadpool_limits(1)  # numpy/scipy/sklearn's BLAS too: process_time counts every thread's spinning
     run = (lambda f: cluster_aware(f, FederationConfig())) if method == "cluster" else fedavg
     run(synthetic(shapes, 3 * clusters, clusters, seed=1))  # warm-up: a server aggregates every round, so
     # the first call's one-off costs (lazy library initialisation, code paged in) are not the per-round cost
