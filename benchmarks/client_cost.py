@@ -106,7 +106,7 @@ def main() -> None:
     print(f"{name}_mapped_files_growth_mib: {mapped:.0f} (RSS of mapped files that grew after the runtime: see below)")
     grown = {f: b - files_before.get(f, 0) for f, b in mapped_files().items()}
     for path, b in sorted(grown.items(), key=lambda kv: -kv[1])[:4]:
-        print(f"{name}_mapped_mib[{Path(path).name}]: {b / MIB:.0f} (paged in after the runtime was imported)")
+        print(f"{name}_mapped_mib.{Path(path).name}: {b / MIB:.0f} (paged in after the runtime was imported)")
     print(f"{name}_excess_ratio: {(peak - runtime) / need:.2f} (target <= 1.0: peak RSS above the runtime / what it must hold)")
 
 
