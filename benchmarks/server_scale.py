@@ -39,6 +39,7 @@ import argparse
 import ctypes
 import math
 import multiprocessing
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, expected_shapes  # noqa: E402
@@ -63,6 +65,7 @@ from fedaigc.server.clustering import MAX_EXACT, centroids, cluster  # noqa: E40
 EMBEDDING_DIM = 384
 BANK_SLACK = 1 << 20  # window offsets: 1 M distinct starting points in the bank
 TARGET_RATIO = 3.0
+SD_ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # the LoRA targets
 
 
 def demo_shapes() -> dict[str, tuple[int, ...]]:
@@ -72,17 +75,15 @@ def demo_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def sd15_shapes(rank: int = 8) -> dict[str, tuple[int, ...]]:
-    """A rank-`rank` LoRA on to_q/to_k/to_v/to_out.0 of attn1 (self) and attn2 (cross, keys and
-    values read the 768-d CLIP states) of SD-1.5's 16 transformer blocks, in diffusers' names."""
-    blocks = [(f"down_blocks.{i}.attentions.{j}", d) for i, d in enumerate((320, 640, 1280)) for j in range(2)]
-    blocks += [("mid_block.attentions.0", 1280)]
-    blocks += [(f"up_blocks.{i}.attentions.{j}", d) for i, d in zip((1, 2, 3), (1280, 640, 320), strict=True) for j in range(3)]
+    """A rank-`rank` LoRA on to_q/to_k/to_v/to_out.0 of attn1 and attn2 of SD-1.5's UNet, read off
+    diffusers' own `UNet2DConditionModel` (SD-1.5's config) built on the meta device: no weights."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     out: dict[str, tuple[int, ...]] = {}
-    for block, d in blocks:
-        for attn, kv_in in (("attn1", d), ("attn2", 768)):
-            for proj, d_in in (("to_q", d), ("to_k", kv_in), ("to_v", kv_in), ("to_out.0", d)):
-                layer = f"unet.{block}.transformer_blocks.0.{attn}.{proj}"
-                out[layer + agg.A_SUFFIX], out[layer + agg.B_SUFFIX] = (rank, d_in), (d, rank)
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and SD_ATTENTION.search(name):
+            layer = f"unet.{name}"
+            out[layer + agg.A_SUFFIX], out[layer + agg.B_SUFFIX] = (rank, module.in_features), (module.out_features, rank)
     return out
 
 
