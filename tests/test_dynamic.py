@@ -1,6 +1,7 @@
 """Clients that join a running federation: placement into the planted nearest cluster or a new
-one, the warm start from the global LoRA, the existing clients left untouched, join rounds in the
-schedule, and a tiny `fedaigc experiment dynamic`."""
+one, the common start and the global warm start, the existing clients left untouched,
+re-clustering by the profiles of every client seen, join rounds in the schedule, and a tiny
+`fedaigc experiment dynamic`."""
 
 import copy
 import csv
@@ -68,19 +69,28 @@ def test_newcomers_go_to_the_planted_nearest_cluster_or_a_new_one():
     assert place([near], {0: centres[0]}, {0: 1.0}, threshold=0.3, fresh=1)[0][0] == 1  # one cluster: no direction to compare
 
 
-def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouched():
-    both, alone = aggregator(recluster_every=1), aggregator(recluster_every=1)
-    for agg_ in (both, alone):
+def test_a_newcomer_starts_from_the_common_start_or_the_global_warm_start():
+    plain, warm = aggregator(), aggregator(newcomer_start="global")
+    for agg_ in (plain, warm):
         agg_.aggregate(1, {c: upload(c, d, 1) for c, d in EXISTING.items()})
-    first = dict(both.assignment)
+    assert plain.model_for(4) == (None, None)  # the initial LoRA and neutral slot, as in round 1
     # the warm start: the best rank-r approximation of the global LoRA, and the clusters' mean slot
-    adapter, slot = both.model_for(4)
+    adapter, slot = warm.model_for(4)
     for layer in agg.layers(adapter):
-        u, s, vh = torch.linalg.svd(agg.delta(both.global_adapter, 1.0, layer))
+        u, s, vh = torch.linalg.svd(agg.delta(warm.global_adapter, 1.0, layer))
         best = (u[:, :RANK] * s[:RANK]) @ vh[:RANK]
         assert torch.allclose(agg.delta(adapter, SCALE, layer), best, atol=1e-4)
         assert adapter[layer + agg.A_SUFFIX].shape[0] == RANK
-    assert torch.allclose(slot, (both.cluster_slots[0] + both.cluster_slots[1]) / 2, atol=1e-6)
+    assert torch.allclose(slot, (warm.cluster_slots[0] + warm.cluster_slots[1]) / 2, atol=1e-6)
+    with pytest.raises(Exception, match="newcomer_start"):
+        aggregator(newcomer_start="nearest")
+
+
+def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouched():
+    both, alone = aggregator(recluster_every=5), aggregator(recluster_every=5)  # clusters formed once, in round 1
+    for agg_ in (both, alone):
+        agg_.aggregate(1, {c: upload(c, d, 1) for c, d in EXISTING.items()})
+    first = dict(both.assignment)
     assert alone.model_for(0)[0] is alone.cluster_adapters[first[0]]  # clients already placed get their cluster's
     # round 2: the existing clients again, client 4 like the first cluster, 5 and 6 like neither
     ups = {c: upload(c, d, 2) for c, d in EXISTING.items()}
@@ -91,24 +101,47 @@ def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouch
     assert both.assignment[5] == both.assignment[6] not in set(first.values())
     assert min(report.placed[4], report.placed[6]) > 0.3 > report.placed[5]  # 6: similar to 5's new cluster
     for k in set(first.values()):  # the newcomer's first update is not averaged into the cluster it joined
-        for name, t in alone.cluster_adapters[k].items():
-            assert torch.equal(both.cluster_adapters[k][name], t)
+        for name, t in alone.cluster_adapters[k].items():  # (its profile moves the centroid: weights shift a little)
+            assert torch.allclose(both.cluster_adapters[k][name], t, atol=1e-3)
     new = both.assignment[5]
     assert set(both.cluster_adapters[new]) == set(ups[0].lora) and new in both.centroids
     assert both.global_adapter[next(iter(agg.layers(ups[0].lora))) + agg.A_SUFFIX].shape[0] == 3 * RANK
-    # round 3, no re-clustering: client 4 now counts in its cluster
-    both.cfg.recluster_every = 5
+    # round 3, no re-clustering: client 4 trained from its cluster's adapter and now counts, weighted
+    # by its profile (its first round's embedding) like the others
     ups3 = {c: upload(c, d, 3) for c, d in (EXISTING | {4: 1}).items()}
     both.aggregate(3, ups3)
     k = first[0]
     members = [0, 1, 4]
-    w = agg.member_weights(
-        [ups3[c].num_examples for c in members],
-        torch.stack([ups3[c].embedding.double() for c in members]),
-        torch.from_numpy(both.centroids[k]),
-    )
+    profiles = [upload(c, 1, 1 if c < 4 else 2).embedding.double() for c in members]
+    w = agg.member_weights([ups3[c].num_examples for c in members], torch.stack(profiles), torch.from_numpy(both.centroids[k]))
     want = agg.average([ups3[c].lora for c in members], w)
     assert all(torch.allclose(both.cluster_adapters[k][n], want[n]) for n in want)
+
+
+def test_re_clustering_sees_every_client_seen_so_far_not_only_this_rounds():
+    """Partial participation: a round of one client re-clusters everyone the server has seen, by
+    their profiles, so the clients absent this round keep their clusters and the new one joins its
+    like; state on disk keeps the profiles."""
+    server = aggregator(recluster_every=1)
+    server.aggregate(1, {c: upload(c, EXISTING[c], 1) for c in (0, 1, 2)})
+    before = dict(server.assignment)
+    kept = {n: t.clone() for n, t in server.cluster_adapters[before[2]].items()}
+    server.aggregate(2, {3: upload(3, EXISTING[3], 2)})
+    assert {c: server.assignment[c] for c in before} == before and server.assignment[3] == before[2]
+    assert all(torch.equal(server.cluster_adapters[before[2]][n], t) for n, t in kept.items())  # trained from the common start
+    restarted = aggregator(recluster_every=1)
+    restarted.restore(*server.state())
+    assert set(restarted.profiles) == {0, 1, 2, 3}
+    assert all(np.array_equal(restarted.profiles[c], server.profiles[c]) for c in server.profiles)
+    ups = {c: upload(c, EXISTING[c], 3) for c in (0, 3)}
+    for agg_ in (server, restarted):
+        agg_.aggregate(3, {c: copy.deepcopy(u) for c, u in ups.items()})
+    assert restarted.assignment == server.assignment
+    assert all(torch.equal(restarted.global_adapter[n], t) for n, t in server.global_adapter.items())
+    # fewer clusters on a re-clustering (here: k lowered): the cluster left without members goes
+    server.cfg.k = 1
+    server.aggregate(4, {c: upload(c, EXISTING[c], 4) for c in (0, 2)})
+    assert set(server.assignment.values()) == set(server.cluster_adapters) == set(server.centroids) and len(server.centroids) == 1
 
 
 def test_join_rounds_in_the_schedule():
@@ -132,22 +165,25 @@ def test_tiny_dynamic_experiment(tmp_path, tiny_data, tiny_model_dir):
     args = ["experiment", "dynamic", "--preset", "tiny", "--data", str(tiny_data), "--model", str(tiny_model_dir)]
     assert main([*args, "--out", str(out), "--num-clients", "2", "--rounds", "1"]) == 0
     report = (out / "report.md").read_text()
-    for section in ("## Placement", "## Newcomers: joined vs from scratch", "## Existing clients: with and without newcomers"):
+    for section in ("## Placement", "## Newcomers: joining vs from scratch", "## Existing clients: with and without newcomers"):
         assert f"\n{section}\n" in report
     for png in ("plots/newcomers.png", "plots/existing.png", "samples_grid.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in report
     with (out / "results.csv").open() as f:
         rows = {row["setting"]: row for row in csv.DictReader(f)}
-    assert list(rows) == ["joined", "static", "scratch"]
+    assert list(rows) == ["joined", "warm", "static", "scratch"]
     for name, cols in (("joined", ["new_1_style_acc", "old_style_acc", "ari"]), ("static", ["old_style_acc"])):
         for col in cols:
             assert 0 <= float(rows[name][col]) <= 1 or col == "ari" and -1 <= float(rows[name][col]) <= 1
     assert float(rows["scratch"]["new_1_fid"]) >= 0 and rows["scratch"]["old_style_acc"] == ""
     # one existing client is one cluster: the newcomer gets a new cluster and the existing client's
     # adapter, hence its samples and scores, are exactly those of the run without the newcomer
-    assert float(rows["joined"]["c1_new_cluster"]) == 1 and float(rows["joined"]["placed_right"]) == 1
-    for col in ("old_style_acc", "old_fid", "old_alignment"):
-        assert math.isclose(float(rows["joined"][col]), float(rows["static"][col]), rel_tol=1e-6), col
+    for name in ("joined", "warm"):
+        assert float(rows[name]["c1_new_cluster"]) == 1 and float(rows[name]["placed_right"]) == 1
+        for col in ("old_style_acc", "old_fid", "old_alignment"):
+            assert math.isclose(float(rows[name][col]), float(rows["static"][col]), rel_tol=1e-6), (name, col)
+    # the newcomer's own first round: from the initial LoRA (as from scratch) or from the warm start
+    assert rows["joined"]["new_1_fid"] != rows["warm"]["new_1_fid"]
     joined = json.loads((out / "joined_seed0" / "metrics.json").read_text())
     assert [r["sampled"] for r in joined["rounds"]] == [[0], [0, 1]]
     static = json.loads((out / "static_seed0" / "metrics.json").read_text())

@@ -108,6 +108,7 @@ class FederationConfig:
     defense_cos: float = 0.3  # robust: reject ΔW updates whose cosine to the others' median update < this x the typical one
     join_rounds: tuple[int, ...] = ()  # per client (cycled over the ids): the first round it is asked; () = round 1
     join_threshold: float = 0.3  # a newcomer joins the nearest cluster at centred cosine >= this, else a new one
+    newcomer_start: str = "initial"  # a client's first round starts from: initial (the common start) | global (warm start)
     sampling: str = "uniform"  # of the online clients: uniform | network (the rarely seen first, server/participation.py)
     weighting: str = "plain"  # aggregation weights: plain (∝ examples) | network (∝ examples / participation rate)
     seed: int = 0

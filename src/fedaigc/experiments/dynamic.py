@@ -1,19 +1,22 @@
 """`fedaigc experiment dynamic`: clients that join a running federation.
 
 Every client of the last domain and the last client of the domain before it join after round 1.
-The server places each newcomer by the centred cosine of its task embedding to the cluster
+A newcomer's first round starts from the common start (the initial LoRA and neutral slot every
+client began from), so its task embedding is comparable with the profiles of the clients already
+placed; the server then places it by the centred cosine of that embedding to the cluster
 centroids: into the nearest cluster at `federation.join_threshold` or above, else into a new
-cluster; a newcomer starts from the global LoRA truncated to its rank (the warm start,
-server/strategies.py). Clusters are formed once, in round 1 (`recluster_every` = every round),
-so no client already placed moves. Three runs per seed, with the same clients and partition:
+cluster (server/strategies.py). Clusters are formed once, in round 1 (`recluster_every` = every
+round), so no client already placed moves. Four runs per seed, with the same clients and partition:
 
 - joined: the existing clients from round 1, the newcomers from round 2, `rounds` rounds more;
+- warm: the same, with the newcomers' first round from the global LoRA truncated to their rank
+  (`newcomer_start = "global"`, the seed's proposal);
 - without newcomers: the same run without them, the existing clients' reference;
 - from scratch: the newcomers alone (`local`), each from the initial LoRA, `rounds` rounds.
 
-Scores: the newcomers after 1 and after `rounds` rounds of their own (joined vs from scratch),
-the existing clients after the last round (joined vs without newcomers), where the newcomers were
-placed and whether that was right.
+Scores: the newcomers after 1 and after `rounds` rounds of their own (joined, warm, from scratch),
+the existing clients after the last round (joined, warm, without newcomers), where the newcomers
+were placed and whether that was right.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ log = logging.getLogger("fedaigc.experiments")
 
 JOIN_AFTER = 1  # rounds the existing clients train before the newcomers join
 GROUP = ("style_acc", "class_acc", "fid", "alignment")  # what is averaged over a group of clients
+JOINING = ("joined", "warm")  # the settings in which newcomers join the federation
 
 
 def newcomers(num_clients: int, num_domains: int) -> list[int]:
@@ -69,8 +73,10 @@ def settings(cfg: config.Config, late: list[int]) -> list[Setting]:
         return tuple(newcomer if c in late else existing for c in range(n))
 
     fed = {"strategy": "cluster", "rounds": total, "recluster_every": total}
+    join = fed | {"join_rounds": joins(JOIN_AFTER + 1, 1)}
     return [
-        Setting("joined", "newcomers join (ours)", {"federation": fed | {"join_rounds": joins(JOIN_AFTER + 1, 1)}}),
+        Setting("joined", "newcomers join (ours)", {"federation": join}),
+        Setting("warm", "newcomers join, global warm start", {"federation": join | {"newcomer_start": "global"}}),
         Setting("static", "without newcomers", {"federation": fed | {"join_rounds": joins(total + 1, 1)}}),
         Setting(
             "scratch",
@@ -106,33 +112,33 @@ def placement(metrics: dict, late: list[int]) -> dict[str, float]:
 
 
 def measure(plan: Plan, name: str, run_cfg: config.Config, run: RunDir, late: list[int], existing: list[int]) -> dict[str, float]:
-    """One run's columns: the newcomers after their first and last round (joined, scratch), the
-    existing clients after the last (joined, static), and for joined the usual numbers and placement.
-    Only `joined` after its last round has every client scored; otherwise just the clients compared."""
+    """One run's columns: the newcomers after their first and last round (joined, warm, scratch),
+    the existing clients after the last (joined, warm, static), and where newcomers join the usual
+    numbers and placement. Only those after their last round have every client scored; otherwise
+    just the clients compared."""
     rounds = run_cfg.federation.rounds - (JOIN_AFTER if name != "scratch" else 0)
+    joins = name in JOINING
 
     def scores(clients: list[int], at_round: int | None = None) -> dict:
         key = "final" if at_round is None else f"round_{at_round}"
-        metrics = plan.scored(
-            run_cfg, run, key=key, at_round=at_round, clients=None if name == "joined" and at_round is None else clients
-        )
+        metrics = plan.scored(run_cfg, run, key=key, at_round=at_round, clients=None if joins and at_round is None else clients)
         return metrics[key]["per_client"]
 
     row: dict[str, float] = {}
     if name != "static":
-        first = JOIN_AFTER + 1 if name == "joined" else 1  # the newcomers' first round
+        first = JOIN_AFTER + 1 if joins else 1  # the newcomers' first round
         row |= group(scores(late, first if rounds > 1 else None), late, "new_1")
         row |= group(scores(late), late, f"new_{rounds}")
     if name != "scratch":
         row |= group(scores(existing), existing, "old")
-    if name == "joined":
+    if joins:
         metrics = run.metrics()
         row |= numbers(metrics) | placement(metrics, late)
     return row
 
 
 def run_dynamic(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
-    """The three runs (or those in `only`) for every seed; writes results.csv, plots and report.md."""
+    """The four runs (or those in `only`) for every seed; writes results.csv, plots and report.md."""
     cfg = plan.cfg
     domains = ImageFolder(ensure_dataset(plan.data, cfg), size=cfg.data.size).domains
     late = newcomers(cfg.federation.num_clients, len(domains))
@@ -172,30 +178,34 @@ def write_report(
         "",
         f"Schedule: clients {', '.join(map(str, existing))} train from round 1; clients {', '.join(map(str, late))} "
         f"(newcomers) join in round {JOIN_AFTER + 1} and train {rounds} round(s). Clusters are formed once, in round 1, "
-        f"and never re-formed, so no client already placed moves. A newcomer starts from the global LoRA truncated by SVD "
-        f"to rank {cfg.client.rank} and the clusters' token slots averaged by share; after its first round the server "
-        f"places it by the cosine of its task embedding to each cluster centroid, both taken relative to the "
-        f"share-weighted mean of the centroids: the nearest cluster if >= {cfg.federation.join_threshold}, else a new "
-        f"cluster. A newcomer placed into an existing cluster is not averaged into it in that first round (it trained from "
-        f"the warm start, not from the cluster's adapter); it is from its next round on. The newcomers' runs *from scratch* "
-        f"train alone (`local`) from the initial LoRA for the same rounds of the same local steps.",
+        f"and never re-formed, so no client already placed moves. A newcomer's first round starts from the common start "
+        f"(the initial LoRA and the neutral token slot every client began from in round 1), so its task embedding is "
+        f"comparable with the profiles of the clients already placed (their round-1 embeddings); the server then places "
+        f"it by the cosine of that embedding to each cluster centroid, both taken relative to the share-weighted mean of "
+        f"the centroids: the nearest cluster if >= {cfg.federation.join_threshold}, else a new cluster. A newcomer "
+        f"placed into an existing cluster is not averaged into it in that first round (it did not train from the "
+        f"cluster's adapter); it is from its next round on. *Global warm start*: the same, but the newcomers' first "
+        f"round starts from the global LoRA truncated by SVD to rank {cfg.client.rank} and the clusters' token slots "
+        f"averaged by share. The newcomers' runs *from scratch* train alone (`local`) from the initial LoRA for the same "
+        f"rounds of the same local steps.",
         "",
     ]
-    joined = by.get("joined")
-    if joined:
+    joining = [by[name] for name in JOINING if name in by]
+    if joining:
         rows = []
-        for c in late:
-            seen = any(domain[o] == domain[c] for o in existing)
-            rows.append(
-                [
-                    str(c),
-                    domain[c],
-                    "yes" if seen else "no",
-                    joined.cell(f"c{c}_similarity"),
-                    "new cluster" if joined.mean(f"c{c}_new_cluster") == 1 else "existing cluster",
-                    joined.cell(f"c{c}_right", 2),
-                ]
-            )
+        for r in joining:
+            for c in late:
+                seen = any(domain[o] == domain[c] for o in existing)
+                rows.append(
+                    [
+                        r.setting.label,
+                        f"{c} ({domain[c]})",
+                        "yes" if seen else "no",
+                        r.cell(f"c{c}_similarity"),
+                        "new cluster" if r.mean(f"c{c}_new_cluster") == 1 else "existing cluster",
+                        r.cell(f"c{c}_right", 2),
+                    ]
+                )
         lines += [
             "## Placement",
             "",
@@ -204,11 +214,12 @@ def write_report(
             f"{cfg.federation.join_threshold}.",
             "",
             markdown_table(
-                ["newcomer", "domain", "domain seen before", "centred cosine to nearest centroid", "placed in", "right"], rows
+                ["setting", "newcomer", "domain seen before", "centred cosine to nearest centroid", "placed in", "right"],
+                rows,
             ),
             "",
         ]
-    newcomer_rows = [r for r in (by.get("joined"), by.get("scratch")) if r]
+    newcomer_rows = [by[name] for name in (*JOINING, "scratch") if name in by]
     if newcomer_rows:
         cols = [
             (f"new_{a}_{k}", f"{label} after {a}")
@@ -219,7 +230,7 @@ def write_report(
         grouped_bars(
             [f"after {a} round{'s' if a > 1 else ''}" for a in after],
             {r.setting.label: [r.mean(f"new_{a}_style_acc") for a in after] for r in newcomer_rows},
-            "Newcomers' confident style accuracy: joined vs from scratch",
+            "Newcomers' confident style accuracy: joining vs from scratch",
             "style accuracy",
             plots / "newcomers.png",
             ylim=(0, 1),
@@ -228,10 +239,10 @@ def write_report(
             [f"{c} ({domain[c]})"] + [r.cell(f"c{c}_new_{a}_style_acc") for a in after for r in newcomer_rows] for c in late
         ]
         lines += [
-            "## Newcomers: joined vs from scratch",
+            "## Newcomers: joining vs from scratch",
             "",
             "Mean over the newcomers of what each generates with what the server gives it after its first and last round "
-            "(joined: its cluster's adapter, or its new cluster's; from scratch: its own adapter).",
+            "(joining: its cluster's adapter, or its new cluster's; from scratch: its own adapter).",
             "",
             markdown_table(
                 ["setting", *[h for _, h in cols]], [[r.setting.label] + [r.cell(k) for k, _ in cols] for r in newcomer_rows]
@@ -247,7 +258,7 @@ def write_report(
             ),
             "",
         ]
-    existing_rows = [r for r in (by.get("static"), by.get("joined")) if r]
+    existing_rows = [by[name] for name in ("static", *JOINING) if name in by]
     if existing_rows:
         cols = [("old_style_acc", "style acc"), ("old_worst_style_acc", "worst style acc"), ("old_class_acc", "class acc")]
         cols += [("old_fid", "evaluator-FID"), ("old_alignment", "alignment")]
@@ -276,9 +287,9 @@ def write_report(
             "",
         ]
     results = list(by.values())
-    if joined:
+    if joining:
         grid, shown = sample_grid(
-            plan, [(joined.setting.label, joined.runs[0] / "samples", joined.metrics[0]["final"]["per_client"])]
+            plan, [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in joining]
         )
         lines += closing(plan, grid, shown, run_lines(results))
     else:

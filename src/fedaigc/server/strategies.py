@@ -22,6 +22,7 @@ from fedaigc.server import defense
 from fedaigc.server.clustering import centroids, cluster, match_ids, normalize
 
 STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
+NEWCOMER_STARTS = ("initial", "global")
 
 
 @dataclass
@@ -44,9 +45,15 @@ class Aggregator:
             raise UserError(f"unknown intra-cluster mode {cfg.intra!r}; choose fedit or exact")
         if cfg.defense not in defense.DEFENSES or (cfg.defense != "none" and cfg.strategy != "cluster"):
             raise UserError(f"federation.defense {cfg.defense!r}: choose none, or robust with the cluster strategy")
+        if cfg.newcomer_start not in NEWCOMER_STARTS:
+            raise UserError(f"federation.newcomer_start {cfg.newcomer_start!r}: choose {' or '.join(NEWCOMER_STARTS)}")
         self.cfg, self.scale = cfg, scale
         self.assignment: dict[int, int] = {}
-        self.centroids: dict[int, np.ndarray] = {}
+        # each client's profile: the task embedding (and example count) of its first accepted round,
+        # trained from the common start, so every client's is comparable with every other's
+        self.profiles: dict[int, np.ndarray] = {}
+        self.profile_examples: dict[int, float] = {}
+        self.centroids: dict[int, np.ndarray] = {}  # cluster -> mean profile of its members
         self.cluster_adapters: dict[int, Adapter] = {}
         self.cluster_slots: dict[int, torch.Tensor] = {}
         self.own: dict[int, tuple[Adapter, torch.Tensor]] = {}  # the `local` and `central` strategies
@@ -58,13 +65,16 @@ class Aggregator:
     def model_for(self, cid: int) -> tuple[Adapter | None, torch.Tensor | None]:
         if self.cfg.strategy in ("local", "central"):
             return self.own.get(cid, (None, None))
-        if self.cfg.strategy == "cluster" and cid not in self.assignment and self.global_adapter is not None:
-            return self.warm_start()
+        if self.cfg.strategy == "cluster" and cid not in self.assignment:
+            if self.cfg.newcomer_start == "global" and self.global_adapter is not None:
+                return self.warm_start()
+            return None, None  # the common start: the initial LoRA and neutral slot every client began from
         k = self.assignment.get(cid, 0 if self.cfg.strategy != "cluster" else None)
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
 
     def warm_start(self) -> tuple[Adapter, torch.Tensor]:
-        """What a client that joins after the first clustering starts from: per layer, the best
+        """What a client that joins after the first clustering starts from with `newcomer_start =
+        "global"`: per layer, the best
         rank-r approximation (truncated SVD) of the global LoRA Σ c_k ΔW_k, rescaled to the clients'
         alpha / r, and the clusters' token slots averaged by their shares of the clients."""
         some = next(iter(self.cluster_adapters.values()))
@@ -147,44 +157,49 @@ class Aggregator:
     def _cluster_round(
         self, server_round: int, cids: list[int], uploads: dict[int, Upload], report: RoundReport, examples: dict[int, float]
     ) -> None:
-        """Re-cluster the clients seen before (every `recluster_every` rounds; ids kept), place
-        the newcomers without moving anyone else, then average each cluster's members."""
+        """Cluster every client seen so far by its profile, every `recluster_every` rounds (ids
+        kept); in between, place the clients seen for the first time without moving anyone else.
+        Then average, per cluster, the members that trained from its adapter.
+
+        Profiles, not this round's embeddings: a client that trained from its cluster's token slot
+        uploads an embedding pulled towards that slot, so this round's embeddings of clients that
+        started from different clusters (or from the common start) are not comparable; and with
+        partial participation this round's clients are a few, while the profiles are everyone seen."""
         sent = {c: self.model_for(c)[0] for c in cids}  # what each client trained from, before re-clustering
-        emb = np.stack([uploads[c].embedding.double().numpy() for c in cids])
-        counts = np.array([uploads[c].num_examples for c in cids], dtype=float)
-        newcomers = [c for c in cids if self.assignment and c not in self.assignment]
-        known = [i for i, c in enumerate(cids) if c not in newcomers]
-        if known and (not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0):
-            found = cluster(emb[known], k=self.cfg.k or None)
-            mapping = match_ids(self.centroids, centroids(emb[known], found, counts[known]))
-            self.assignment.update({cids[i]: mapping[int(x)] for i, x in zip(known, found, strict=True)})
-        existing = set(self.cluster_adapters)
-        if newcomers:
+        first = [c for c in cids if c not in self.profiles]
+        for c in first:
+            self.profiles[c] = uploads[c].embedding.double().numpy()
+            self.profile_examples[c] = float(uploads[c].num_examples)
+        if not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0:
+            known = sorted(self.profiles)
+            emb, counts = self._profiles(known)
+            found = cluster(emb, k=self.cfg.k or None)
+            mapping = match_ids(self.centroids, centroids(emb, found, counts))
+            self.assignment = {c: mapping[int(x)] for c, x in zip(known, found, strict=True)}
+        else:
+            members = self._members()
+            total = sum(members.values())
+            shares = {k: n / total for k, n in members.items()}
             fresh = max([*self.assignment.values(), *self.centroids]) + 1
-            shares = self._shares()
-            placed = place([emb[cids.index(c)] for c in newcomers], self.centroids, shares, self.cfg.join_threshold, fresh)
-            for c, (k, similarity) in zip(newcomers, placed, strict=True):
+            placed = place([self.profiles[c] for c in first], self.centroids, shares, self.cfg.join_threshold, fresh)
+            for c, (k, similarity) in zip(first, placed, strict=True):
                 self.assignment[c], report.placed[c] = k, similarity
-        # a newcomer that joined an existing cluster trained from the warm start, not from that
-        # cluster's adapter: averaging A and B factors of unrelated starts would mix two
-        # factorizations, so its first update only places it; from its next round on it counts
-        trained = [i for i, c in enumerate(cids) if not (c in newcomers and self.assignment[c] in existing)]
-        labels = np.array([self.assignment[cids[i]] for i in trained], dtype=int)
-        if trained:
-            self.centroids.update(centroids(emb[trained], labels, counts[trained]))
+        self._refresh_clusters()
+        existing = dict(self.cluster_adapters)
         errors = []
-        for k in sorted(set(labels.tolist())):
-            members = [cids[i] for i, lab in zip(trained, labels, strict=True) if lab == k]
+        for k in sorted({self.assignment[c] for c in cids}):
+            # a member that trained from another start (the common start, or another cluster's adapter
+            # before a re-clustering moved it) only counts from its next round on: averaging the A and
+            # B factors of unrelated starts would mix two factorizations
+            members = [c for c in cids if self.assignment[c] == k and (k not in existing or sent[c] is existing[k])]
             if self.cfg.defense == "robust":
                 ups, refs = {c: uploads[c].lora for c in members}, {c: sent[c] for c in members}
                 members, bad = defense.screen_cluster(ups, refs, self.scale, self.cfg.defense_norm, self.cfg.defense_cos)
                 report.rejected.update(bad)
-                if not members:  # nobody to trust: the cluster keeps last round's adapter
-                    continue
-            idx = [cids.index(c) for c in members]
-            w = agg.member_weights(
-                [examples[c] for c in members], torch.from_numpy(emb[idx]), torch.from_numpy(self.centroids[k])
-            )
+            if not members:  # nobody to count (or to trust): the cluster keeps last round's adapter
+                continue
+            emb, _ = self._profiles(members)
+            w = agg.member_weights([examples[c] for c in members], torch.from_numpy(emb), torch.from_numpy(self.centroids[k]))
             adapters = [uploads[c].lora for c in members]
             if self.cfg.intra == "exact":
                 self.cluster_adapters[k] = agg.exact_average(adapters, w)
@@ -196,12 +211,31 @@ class Aggregator:
         report.fedit_error = float(np.mean(errors)) if errors else 0.0
         self._stack(report)
 
+    def _profiles(self, cids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return np.stack([self.profiles[c] for c in cids]), np.array([self.profile_examples[c] for c in cids])
+
+    def _members(self) -> dict[int, int]:
+        """Clients assigned to each cluster."""
+        members: dict[int, int] = {}
+        for k in self.assignment.values():
+            members[k] = members.get(k, 0) + 1
+        return members
+
+    def _refresh_clusters(self) -> None:
+        """Every cluster's centroid (the example-weighted mean profile of its members); a cluster
+        that re-clustering left without members is dropped with its adapter and slot."""
+        known = sorted(self.assignment)
+        emb, counts = self._profiles(known)
+        self.centroids = centroids(emb, np.array([self.assignment[c] for c in known]), counts)
+        for k in set(self.cluster_adapters) - set(self.centroids):
+            del self.cluster_adapters[k], self.cluster_slots[k]
+
     def _shares(self) -> dict[int, float]:
-        """Each cluster's share of the clients assigned so far."""
+        """Each cluster's share of the clients assigned to clusters that have an adapter."""
         ks = sorted(self.cluster_adapters)
-        members = {k: sum(kk == k for kk in self.assignment.values()) for k in ks}
-        total = sum(members.values())
-        return {k: members[k] / total for k in ks}
+        members = self._members()
+        total = sum(members.get(k, 0) for k in ks)
+        return {k: members.get(k, 0) / total for k in ks}
 
     def _stack(self, report: RoundReport) -> None:
         """The global adapter: every cluster's adapter stacked with its DED/SNT coefficient."""
@@ -232,8 +266,11 @@ class Aggregator:
             tensors[f"ownslot.{c}"] = slot
         if self.global_adapter is not None:
             tensors |= {f"global.{name}": t for name, t in self.global_adapter.items()}
+        if self.profiles:
+            tensors["profiles"] = torch.from_numpy(np.stack([self.profiles[c] for c in sorted(self.profiles)]))
         meta = {
             "assignment": {str(c): k for c, k in self.assignment.items()},
+            "profile_examples": {str(c): n for c, n in sorted(self.profile_examples.items())},
             "centroids": {str(k): v.tolist() for k, v in self.centroids.items()},
             "global_scale": self.global_scale,
         }
@@ -243,10 +280,15 @@ class Aggregator:
         self.assignment = {int(c): int(k) for c, k in meta["assignment"].items()}
         self.centroids = {int(k): np.array(v) for k, v in meta["centroids"].items()}
         self.global_scale = meta["global_scale"]
+        self.profile_examples = {int(c): float(n) for c, n in meta.get("profile_examples", {}).items()}
+        rows = tensors["profiles"].numpy() if "profiles" in tensors else np.zeros((0, 0))
+        self.profiles = dict(zip(sorted(self.profile_examples), rows, strict=True))
         self.cluster_adapters, self.cluster_slots, self.own, self.global_adapter = {}, {}, {}, None
         own_slots: dict[int, torch.Tensor] = {}
         own: dict[int, Adapter] = {}
         for key, t in tensors.items():
+            if key == "profiles":
+                continue
             kind, rest = key.split(".", 1)
             if kind == "cluster":
                 k, name = rest.split(".", 1)
@@ -273,10 +315,10 @@ def place(
     """Newcomers' clusters, one after the other, without moving anyone else: the cluster whose
     centroid is most similar, if the cosine is at least `threshold`, else a new cluster (ids from
     `fresh` on) whose centroid is the newcomer's, so a later newcomer like it joins it. Cosines are
-    taken after subtracting the share-weighted mean of the existing centroids, the point a
-    warm-started newcomer's token slot starts from: raw cosines between private-token slots all
-    exceed 0.9. With one existing cluster that mean is its centroid, so every newcomer gets a new
-    cluster. Returns (cluster id, cosine to the nearest centroid) per newcomer."""
+    taken after subtracting the share-weighted mean of the existing centroids (what every profile
+    shares, as in `cluster`'s centring): raw cosines between private-token slots all exceed 0.9.
+    With one existing cluster that mean is its centroid, so every newcomer gets a new cluster.
+    Returns (cluster id, cosine to the nearest centroid) per newcomer."""
     centres = {k: normalize(np.asarray(v, dtype=np.float64)) for k, v in centres.items()}
     mean = sum(shares.get(k, 0.0) * v for k, v in centres.items())
     directions = {k: normalize(v - mean) for k, v in centres.items()}
