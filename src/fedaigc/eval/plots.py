@@ -21,7 +21,7 @@ def grouped_bars(
     ylim: tuple[float, float] | None = None,
 ) -> Path:
     """One group of bars per item of `groups`, one bar per series."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2) + _legend_width(series), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2) + _legend_width(outside=True), 3.6))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
@@ -31,7 +31,7 @@ def grouped_bars(
     ax.set_title(title)
     if ylim:
         ax.set_ylim(*ylim)
-    _legend(ax, len(series))
+    _legend(ax, outside=True)  # bars fill the axes: a legend inside hides some
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def curves(
     integer_x: bool = True,
 ) -> Path:
     """One line per series of (x, y); `integer_x` for rounds, off for a continuous x such as a ratio."""
-    fig, ax = plt.subplots(figsize=(6 + _legend_width(series), 3.6))
+    fig, ax = plt.subplots(figsize=(6 + _legend_width(outside=len(series) > 4), 3.6))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
     ticks = sorted({x for xs, _ in series.values() for x in xs})
@@ -60,7 +60,7 @@ def curves(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    _legend(ax, len(series))
+    _legend(ax, outside=len(series) > 4)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -69,13 +69,14 @@ def curves(
     return Path(path)
 
 
-def _legend_width(series: dict) -> float:
-    """Extra figure width (inches) for a legend beside the axes, where many series would hide the data."""
-    return 2.6 if len(series) > 4 else 0.0
+def _legend_width(outside: bool) -> float:
+    """Extra figure width (inches) for a legend beside the axes."""
+    return 2.6 if outside else 0.0
 
 
-def _legend(ax, n: int) -> None:
-    if n > 4:
+def _legend(ax, outside: bool) -> None:
+    """Beside the axes where inside it would hide data (bars, many lines); else where it fits best."""
+    if outside:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax.legend()
