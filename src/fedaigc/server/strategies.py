@@ -267,7 +267,8 @@ class Aggregator:
         if self.global_adapter is not None:
             tensors |= {f"global.{name}": t for name, t in self.global_adapter.items()}
         if self.profiles:
-            tensors["profiles"] = torch.from_numpy(np.stack([self.profiles[c] for c in sorted(self.profiles)]))
+            # float32, as uploaded (profiles are float64 copies of float32 embeddings: nothing is lost)
+            tensors["profiles"] = torch.from_numpy(np.stack([self.profiles[c] for c in sorted(self.profiles)])).float()
         meta = {
             "assignment": {str(c): k for c, k in self.assignment.items()},
             "profile_examples": {str(c): n for c, n in sorted(self.profile_examples.items())},
@@ -281,7 +282,7 @@ class Aggregator:
         self.centroids = {int(k): np.array(v) for k, v in meta["centroids"].items()}
         self.global_scale = meta["global_scale"]
         self.profile_examples = {int(c): float(n) for c, n in meta.get("profile_examples", {}).items()}
-        rows = tensors["profiles"].numpy() if "profiles" in tensors else np.zeros((0, 0))
+        rows = tensors["profiles"].double().numpy() if "profiles" in tensors else np.zeros((0, 0))
         self.profiles = dict(zip(sorted(self.profile_examples), rows, strict=True))
         self.cluster_adapters, self.cluster_slots, self.own, self.global_adapter = {}, {}, {}, None
         own_slots: dict[int, torch.Tensor] = {}
