@@ -73,9 +73,8 @@ class Aggregator:
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
 
     def warm_start(self) -> tuple[Adapter, torch.Tensor]:
-        """What a client that joins after the first clustering starts from with `newcomer_start =
-        "global"`: per layer, the best
-        rank-r approximation (truncated SVD) of the global LoRA Σ c_k ΔW_k, rescaled to the clients'
+        """A newcomer's first round with `newcomer_start = "global"`: per layer, the best rank-r
+        approximation (truncated SVD) of the global LoRA Σ c_k ΔW_k, rescaled to the clients'
         alpha / r, and the clusters' token slots averaged by their shares of the clients."""
         some = next(iter(self.cluster_adapters.values()))
         rank = next(v.shape[0] for name, v in some.items() if name.endswith(agg.A_SUFFIX))
