@@ -8,6 +8,7 @@ strategy (`server_app.py`) only moves messages in and out of it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,9 +177,7 @@ class Aggregator:
             mapping = match_ids(self.centroids, centroids(emb, found, counts))
             self.assignment = {c: mapping[int(x)] for c, x in zip(known, found, strict=True)}
         else:
-            members = self._members()
-            total = sum(members.values())
-            shares = {k: n / total for k, n in members.items()}
+            shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
             fresh = max([*self.assignment.values(), *self.centroids]) + 1
             placed = place([self.profiles[c] for c in first], self.centroids, shares, self.cfg.join_threshold, fresh)
             for c, (k, similarity) in zip(first, placed, strict=True):
@@ -213,13 +212,6 @@ class Aggregator:
     def _profiles(self, cids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([self.profiles[c] for c in cids]), np.array([self.profile_examples[c] for c in cids])
 
-    def _members(self) -> dict[int, int]:
-        """Clients assigned to each cluster."""
-        members: dict[int, int] = {}
-        for k in self.assignment.values():
-            members[k] = members.get(k, 0) + 1
-        return members
-
     def _refresh_clusters(self) -> None:
         """Every cluster's centroid (the example-weighted mean profile of its members); a cluster
         that re-clustering left without members is dropped with its adapter and slot."""
@@ -232,9 +224,9 @@ class Aggregator:
     def _shares(self) -> dict[int, float]:
         """Each cluster's share of the clients assigned to clusters that have an adapter."""
         ks = sorted(self.cluster_adapters)
-        members = self._members()
-        total = sum(members.get(k, 0) for k in ks)
-        return {k: members.get(k, 0) / total for k in ks}
+        members = Counter(self.assignment.values())
+        total = sum(members[k] for k in ks)
+        return {k: members[k] / total for k in ks}
 
     def _stack(self, report: RoundReport) -> None:
         """The global adapter: every cluster's adapter stacked with its DED/SNT coefficient."""
