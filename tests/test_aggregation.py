@@ -6,7 +6,7 @@ import torch
 
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.server import aggregation as agg
-from fedaigc.server.clustering import centroids, cluster, match_ids
+from fedaigc.server.clustering import cluster, match_ids
 
 SHAPES = {"x.attn.to_q": (12, 10), "x.attn.to_out.0": (10, 12), "y.conv1": (6, 4, 3, 3)}
 
@@ -132,12 +132,25 @@ def test_clustering_recovers_planted_clusters_and_ids_stay_stable():
     assert clustering_ari(truth, labels) == 1.0
     assert clustering_ari(truth, cluster(x, k=4)) == 1.0
     assert clustering_ari(truth, cluster(x, distance_threshold=0.5)) == 1.0
-    first = centroids(x, labels)
-    perm = np.array([2, 0, 3, 1])[labels]  # same clusters, shuffled labels, as a next round gives
-    mapping = match_ids(first, centroids(x, perm))
-    assert all(mapping[perm[i]] == labels[i] for i in range(len(x)))
+    perm = np.array([2, 0, 3, 1])[labels]  # same clusters, shuffled labels, as a next re-clustering gives
+    mapping, parents = match_ids(dict(enumerate(labels.tolist())), dict(enumerate(perm.tolist())))
+    assert all(mapping[perm[i]] == labels[i] for i in range(len(x))) and parents == {}
     one = cluster(rng.normal(size=(1, 8)))
     assert list(one) == [0]
+
+
+def test_cluster_ids_follow_the_members_not_the_centroids():
+    """Before: art + photo merged in cluster 0, cartoon in 1. After: art, photo, cartoon apart, and a
+    newcomer alone. Cartoon keeps id 1 and art id 0; photo splits off with a fresh id whose parent
+    is 0 (it starts from the merged adapter); the newcomer's cluster has no parent."""
+    before = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1}
+    after = {0: 5, 1: 5, 2: 7, 3: 6, 4: 6, 5: 8}
+    mapping, parents = match_ids(before, after)
+    assert mapping[5] == 0 and mapping[6] == 1 and {mapping[7], mapping[8]} == {2, 3}
+    assert parents == {mapping[7]: 0}
+    assert match_ids({}, {0: 1, 1: 0}) == ({0: 0, 1: 1}, {})  # the first clustering: fresh ids
+    mapping, parents = match_ids({0: 3, 1: 3}, {0: 0, 1: 0})
+    assert mapping == {0: 3} and parents == {}  # a cluster's members, under another label: same id
 
 
 def test_centering_removes_what_all_clients_share():

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -188,3 +189,34 @@ def test_tiny_dynamic_experiment(tmp_path, tiny_data, tiny_model_dir):
     assert [r["sampled"] for r in joined["rounds"]] == [[0], [0, 1]]
     static = json.loads((out / "static_seed0" / "metrics.json").read_text())
     assert [r["sampled"] for r in static["rounds"]] == [[0], [0]] and set(static["final"]["per_client"]) == {"0"}
+
+
+def test_a_split_clusters_adapter_goes_with_both_halves():
+    """k = 2 merges two of three planted styles; a re-clustering with k = 3 splits them, in a round
+    where only one half trains (either half). The half that did not train keeps the merged adapter
+    (not another style's, not the common start), the other half gets its own new average, the
+    third cluster keeps its id."""
+    planted = EXISTING | {4: 3, 5: 3}
+    for half in (0, 1):
+        server = aggregator(recluster_every=1)
+        server.aggregate(1, {c: upload(c, d, 1) for c, d in planted.items()})
+        sizes = Counter(server.assignment.values())
+        merged, alone = (next(k for k, n in sizes.items() if n == size) for size in (4, 2))
+        merged_adapter = {n: t.clone() for n, t in server.cluster_adapters[merged].items()}
+        styles = sorted({planted[c] for c, k in server.assignment.items() if k == merged})
+        trained, untrained = styles[half], styles[1 - half]
+        was_alone = [c for c, k in server.assignment.items() if k == alone]
+        ups = {c: upload(c, planted[c], 2) for c in planted if planted[c] == trained or c in was_alone}
+        server.cfg.k = 3
+        server.aggregate(2, ups)
+        assert all(server.assignment[c] == alone for c in was_alone)
+        halves = [{server.assignment[c] for c in planted if planted[c] == d} for d in (trained, untrained)]
+        assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]
+        adapter, _ = server.model_for(next(c for c in planted if planted[c] == untrained))
+        assert adapter is not None and all(torch.equal(adapter[n], t) for n, t in merged_adapter.items())
+        members = [c for c in ups if planted[c] == trained]
+        k = server.assignment[members[0]]
+        emb = torch.stack([torch.from_numpy(server.profiles[c]) for c in members])
+        w = agg.member_weights([ups[c].num_examples for c in members], emb, torch.from_numpy(server.centroids[k]))
+        want = agg.average([ups[c].lora for c in members], w)
+        assert all(torch.allclose(server.cluster_adapters[k][n], want[n]) for n in want)

@@ -128,15 +128,17 @@ def test_flora_sends_the_growing_stack_and_a_restarted_server_resumes_it(setup):
     for r, _, msg in grid.sent:
         if r >= 1:  # a fresh LoRA every round, on the merged stack of the rounds before
             assert "lora" not in msg.content and ("merged" in msg.content) == (r > 1)
-    # a server killed after round 1 resumes from disk; the clients (cached) last merged round 3's stack
+    # a server killed after round 1 resumes from disk; the clients (cached) last merged round 3's stack.
+    # Equal up to float32 rounding: a cached client adds each round's stack to its weights one at a time,
+    # a restarted one adds their sum (seen: 8e-6 to 1.1e-5 on entries of size 1.1 on two CPUs)
     _, _, first, resumed = setup(strategy="flora")
     ClusterStrategy(cfg, first).run(FakeGrid(4, run_config), resumed, 1, 1)
     restarted = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
     resumed.restore(restarted, 1)
     ClusterStrategy(cfg, restarted).run(FakeGrid(4, run_config), resumed, 2, 3)
     a, b = (load_file(str(r.root / "adapters" / "global.safetensors")) for r in (run, resumed))
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    assert torch.allclose(aggregator.model_for(0)[1], restarted.model_for(0)[1], atol=1e-5)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    assert torch.allclose(aggregator.model_for(0)[1], restarted.model_for(0)[1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_sampled_fraction_of_the_clients_trains_each_round(setup):

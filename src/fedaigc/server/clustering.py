@@ -77,17 +77,25 @@ def centroids(embeddings: np.ndarray, labels: np.ndarray, weights: np.ndarray | 
     return {int(c): normalize((x[labels == c] * w[labels == c, None]).sum(0)) for c in np.unique(labels)}
 
 
-def match_ids(previous: dict[int, np.ndarray], current: dict[int, np.ndarray]) -> dict[int, int]:
-    """Map this round's cluster labels to last round's ids by centroid similarity (Hungarian
-    matching on cosine distance); unmatched new clusters get fresh ids."""
-    if not previous:
-        return {c: c for c in current}
-    prev_ids, cur_ids = sorted(previous), sorted(current)
-    cost = 1 - np.array([[float(current[c] @ previous[p]) for p in prev_ids] for c in cur_ids])
-    rows, cols = linear_sum_assignment(cost)
-    mapping = {cur_ids[r]: prev_ids[c] for r, c in zip(rows, cols, strict=True)}
-    fresh = max(prev_ids) + 1
-    for c in cur_ids:
-        if c not in mapping:
-            mapping[c], fresh = fresh, fresh + 1
-    return mapping
+def match_ids(previous: dict[int, int], labels: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """Map a re-clustering's labels (client -> label) to the ids of the clusters before it
+    (client -> id), so a cluster's adapter follows its members: one-to-one, maximizing the members
+    each label shares with the id it takes (Hungarian). A label that shares no members with the id
+    it would take gets a fresh id. Returns (label -> id, fresh id -> parent): a fresh cluster's
+    parent is the old cluster most of its members come from (a split cluster's other half),
+    absent when none of its members was in a cluster (all newcomers)."""
+    new, old = sorted(set(labels.values())), sorted(set(previous.values()))
+    shared = np.zeros((len(new), len(old)))
+    for c, label in labels.items():
+        if c in previous:
+            shared[new.index(label), old.index(previous[c])] += 1
+    rows, cols = linear_sum_assignment(shared, maximize=True) if old else ([], [])
+    mapping = {new[r]: old[c] for r, c in zip(rows, cols, strict=True) if shared[r, c] > 0}
+    fresh = max([*old, -1]) + 1
+    parents = {}
+    for r, label in enumerate(new):
+        if label not in mapping:
+            mapping[label], fresh = fresh, fresh + 1
+            if shared[r].any():
+                parents[mapping[label]] = old[int(shared[r].argmax())]
+    return mapping, parents

@@ -172,10 +172,13 @@ class Aggregator:
             self.profile_examples[c] = float(uploads[c].num_examples)
         if not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0:
             known = sorted(self.profiles)
-            emb, counts = self._profiles(known)
-            found = cluster(emb, k=self.cfg.k or None)
-            mapping = match_ids(self.centroids, centroids(emb, found, counts))
-            self.assignment = {c: mapping[int(x)] for c, x in zip(known, found, strict=True)}
+            emb, _ = self._profiles(known)
+            labels = dict(zip(known, (int(x) for x in cluster(emb, k=self.cfg.k or None)), strict=True))
+            mapping, parents = match_ids(self.assignment, labels)
+            self.assignment = {c: mapping[x] for c, x in labels.items()}
+            for k, parent in parents.items():  # a split cluster's other half starts from its adapter too
+                if parent in self.cluster_adapters:
+                    self.cluster_adapters[k], self.cluster_slots[k] = self.cluster_adapters[parent], self.cluster_slots[parent]
         else:
             shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
             fresh = max([*self.assignment.values(), *self.centroids]) + 1
