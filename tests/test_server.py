@@ -129,8 +129,8 @@ def test_flora_sends_the_growing_stack_and_a_restarted_server_resumes_it(setup):
         if r >= 1:  # a fresh LoRA every round, on the merged stack of the rounds before
             assert "lora" not in msg.content and ("merged" in msg.content) == (r > 1)
     # a server killed after round 1 resumes from disk; the clients (cached) last merged round 3's stack.
-    # Equal up to float32 rounding: a cached client adds each round's stack to its weights one at a time,
-    # a restarted one adds their sum (seen: 8e-6 to 1.1e-5 on entries of size 1.1 on two CPUs)
+    # Equal up to float32 rounding, relative: the stack's entries reach 1.1, and two uninterrupted runs
+    # in one process already differ by up to 1.2e-5 there (measured), so an absolute 1e-5 was flaky in CI
     _, _, first, resumed = setup(strategy="flora")
     ClusterStrategy(cfg, first).run(FakeGrid(4, run_config), resumed, 1, 1)
     restarted = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
