@@ -1,7 +1,7 @@
 """Clients that join a running federation: placement into the planted nearest cluster or a new
 one, the common start and the global warm start, the existing clients left untouched,
-re-clustering by the profiles of every client seen, join rounds in the schedule, and a tiny
-`fedaigc experiment dynamic`."""
+re-clustering by the profiles of every client seen, a split cluster's adapter, the server's
+learning rate, join rounds in the schedule, and a tiny `fedaigc experiment dynamic`."""
 
 import copy
 import csv
@@ -220,3 +220,20 @@ def test_a_split_clusters_adapter_goes_with_both_halves():
         w = agg.member_weights([ups[c].num_examples for c in members], emb, torch.from_numpy(server.centroids[k]))
         want = agg.average([ups[c].lora for c in members], w)
         assert all(torch.allclose(server.cluster_adapters[k][n], want[n]) for n in want)
+
+
+def test_the_server_learning_rate_extends_a_clusters_step_from_where_its_members_started():
+    """adapter = start + lr x (average - start), where the members trained from the cluster's
+    adapter; a round from the common start (unknown to the server) is a plain average."""
+    plain, faster = aggregator(), aggregator(server_lr=2.0)
+    for round_ in (1, 2):
+        starts = {k: (dict(a), plain.cluster_slots[k]) for k, a in plain.cluster_adapters.items()}
+        for server in (plain, faster):
+            server.aggregate(round_, {c: upload(c, d, round_) for c, d in EXISTING.items()})
+        assert faster.assignment == plain.assignment
+        for k, adapter in plain.cluster_adapters.items():
+            start, slot = starts.get(k, (adapter, plain.cluster_slots[k]))  # round 1: no start, lr unused
+            assert all(torch.allclose(faster.cluster_adapters[k][n], 2 * t - start[n], atol=1e-5) for n, t in adapter.items())
+            assert torch.allclose(faster.cluster_slots[k], 2 * plain.cluster_slots[k] - slot, atol=1e-5)
+    with pytest.raises(Exception, match="server_lr"):
+        aggregator(server_lr=0.0)

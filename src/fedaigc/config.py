@@ -93,6 +93,7 @@ class FederationConfig:
     purity: float = 0.9  # share of a client's images from its dominant domain
     dirichlet: float = 1.0  # alpha of the Dirichlet over classes
     intra: str = "fedit"  # intra-cluster mode: fedit (average A, B) or exact (average BA, re-factor)
+    server_lr: float = 1.0  # cluster strategy: adapter = start + server_lr x (members' average - start)
     k: int = 0  # number of clusters; 0 = automatic (silhouette)
     recluster_every: int = 1  # re-cluster every N rounds (ids stay stable)
     tau: float = 0.1  # temperature of the DED softmax

@@ -46,6 +46,8 @@ class Aggregator:
             raise UserError(f"unknown intra-cluster mode {cfg.intra!r}; choose fedit or exact")
         if cfg.defense not in defense.DEFENSES or (cfg.defense != "none" and cfg.strategy != "cluster"):
             raise UserError(f"federation.defense {cfg.defense!r}: choose none, or robust with the cluster strategy")
+        if not cfg.server_lr > 0:
+            raise UserError(f"federation.server_lr {cfg.server_lr}: must be > 0 (1 = plain averaging)")
         if cfg.newcomer_start not in NEWCOMER_STARTS:
             raise UserError(f"federation.newcomer_start {cfg.newcomer_start!r}: choose {' or '.join(NEWCOMER_STARTS)}")
         self.cfg, self.scale = cfg, scale
@@ -201,14 +203,18 @@ class Aggregator:
                 continue
             emb, _ = self._profiles(members)
             w = agg.member_weights([examples[c] for c in members], torch.from_numpy(emb), torch.from_numpy(self.centroids[k]))
-            adapters = [uploads[c].lora for c in members]
+            adapters, slots = [uploads[c].lora for c in members], [uploads[c].slot for c in members]
+            if len(members) > 1:
+                errors.append(agg.fedit_error(adapters, w))
+            if k in existing and self.cfg.server_lr != 1.0:
+                # start + lr x (average - start) is a weighted average with the start weighted 1 - lr
+                w = [self.cfg.server_lr * x / sum(w) for x in w] + [1.0 - self.cfg.server_lr]
+                adapters, slots = adapters + [existing[k]], slots + [self.cluster_slots[k]]
             if self.cfg.intra == "exact":
                 self.cluster_adapters[k] = agg.exact_average(adapters, w)
             else:
                 self.cluster_adapters[k] = agg.average(adapters, w)
-            if len(members) > 1:
-                errors.append(agg.fedit_error(adapters, w))
-            self.cluster_slots[k] = _weighted_mean([uploads[c].slot for c in members], w)
+            self.cluster_slots[k] = _weighted_mean(slots, w)
         report.fedit_error = float(np.mean(errors)) if errors else 0.0
         self._stack(report)
 
