@@ -35,6 +35,9 @@ def test_run_directory_has_what_the_spec_names(straight_run):
         "adapters/client_0.safetensors",
         "adapters/cluster_0.safetensors",
         "samples/client_0/0000.png",
+        "samples_grid.png",
+        "plots/accuracy_per_client.png",
+        "plots/train_loss.png",
     ):
         assert (straight_run / name).exists(), name
     m = json.loads((straight_run / "metrics.json").read_text())
@@ -51,6 +54,10 @@ def test_run_directory_has_what_the_spec_names(straight_run):
             assert per[key] == per[key], (cid, key)  # finite numbers, not NaN
         assert 0 <= per["style_acc"] <= 1 and 0 <= per["class_acc"] <= 1 and -1 <= per["alignment"] <= 1
     assert set(final["mean"]) >= {"style_acc", "class_acc", "fid", "kid", "alignment"}
+    report = (straight_run / "report.md").read_text()
+    assert "strategy `cluster`" in report and f"{final['mean']['style_acc']:.3f}" in report
+    assert f"\n| 3 | {m['rounds'][-1]['train_loss']:.3f} | " in report  # the last round's row
+    assert all(f"\n| {c} | {p['domain']} | " in report for c, p in final["per_client"].items())
 
 
 def test_a_finished_run_is_ready_for_the_inference_server(straight_run, tiny_model_dir):

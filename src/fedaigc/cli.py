@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="federated LoRA fine-tuning on Flower's simulation engine",
         description="Run the training edge server (Flower ServerApp) and N edge clients (ClientApps) "
         "in Flower's simulation engine, then score every client's personalized adapter. "
-        "Writes the run directory (config.toml, metrics.json, adapters/, samples/, report.md).",
+        "Writes the run directory (config.toml, metrics.json, adapters/, samples/, plots/, samples_grid.png, report.md).",
     )
     _common(p, model=True)
     p.add_argument("--out", type=Path, metavar="RUN", help="run directory to write (default: runs/federate)")
@@ -394,7 +394,7 @@ def cmd_federate(args) -> None:
     run, cfg, data, model = simulate(cfg, out, args.data, args.model, resume=bool(args.resume))
     metrics = evaluate_run(cfg, run, data, model, progress=not args.quiet)
     mean = metrics["final"]["mean"]
-    print(f"run directory: {run.root} (metrics.json, adapters/, samples/)")
+    print(f"run directory: {run.root} (report.md, metrics.json, adapters/, samples/)")
     print(
         f"{cfg.federation.strategy}: {len(metrics['rounds'])} rounds, clustering ARI {metrics['clustering']['ari']:.2f}, "
         f"style acc {mean['style_acc']:.1%}, class acc {mean['class_acc']:.1%}, evaluator-FID {mean['fid']:.1f}"

@@ -17,6 +17,7 @@ from fedaigc.errors import RunFailed, UserError
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.eval.report import save_images
+from fedaigc.eval.run_report import write_run_report
 from fedaigc.eval.scoring import score
 from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
@@ -165,4 +166,6 @@ def evaluate_run(
         }
     metrics["strategy"] = cfg.federation.strategy
     write_json(run.metrics_file, metrics)
+    if key == "final" and clients is None:
+        write_run_report(run.root, metrics, cfg.data.size)
     return metrics
