@@ -193,6 +193,9 @@ def write_report(cfg: config.Config, out: Path, summary: dict, data: Path | None
         "",
         f"![samples]({grid.name})",
         "",
+        "Each strategy's run directory has its own report, with its rounds: [FedAvg](fedavg/report.md), "
+        "[cluster-aware](cluster/report.md).",
+        "",
         "## Evaluator and base model",
         "",
         markdown_table(

@@ -43,7 +43,7 @@ def write_run_report(root: Path, metrics: dict, image_size: int, per_row: int = 
     save_grid(rows, root / "samples_grid.png", labels=names, scale=2)
     inference = final.get("inference", {})
     made = (
-        f"hybrid inference, {inference['server_steps']} server steps per image"
+        f"by hybrid inference (the inference edge server ran the first {inference['server_steps']} steps of each)"
         if inference.get("hybrid")
         else "on the devices alone"
     )
