@@ -18,6 +18,7 @@ from fedaigc.data.dataset import ImageFolder, ensure_dataset, read_images, split
 from fedaigc.eval.base_model import evaluate_base
 from fedaigc.eval.plots import curves, grouped_bars
 from fedaigc.eval.report import markdown_table, save_grid
+from fedaigc.eval.scoring import SCORES
 from fedaigc.inference.device import InferenceServer
 from fedaigc.inference.service import run_service
 from fedaigc.server.federate import evaluate_run, simulate
@@ -86,14 +87,13 @@ def _sample_grid(cfg: config.Config, out: Path, summary: dict, data: Path | None
 
 def write_report(cfg: config.Config, out: Path, summary: dict, data: Path | None) -> Path:
     base, strategies = summary["base"], summary["strategies"]
-    keys = ["style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment"]
     rows = []
     for s in STRATEGIES:
         m = strategies[s]
         r = m["rounds"]
         rows.append(
             [LABELS[s]]
-            + [m["final"]["mean"][k] for k in keys]
+            + [m["final"]["mean"][k] for k in SCORES]
             + [
                 m["clustering"]["ari"],
                 int(sum(x["bytes_up"] for x in r) / len(r)),

@@ -9,8 +9,7 @@ from pathlib import Path
 from fedaigc.data.dataset import read_images
 from fedaigc.eval.plots import curves, grouped_bars
 from fedaigc.eval.report import markdown_table, save_grid
-
-SCORES = ["style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment"]
+from fedaigc.eval.scoring import SCORES
 
 
 def write_run_report(root: Path, metrics: dict, image_size: int, per_row: int = 8) -> Path:

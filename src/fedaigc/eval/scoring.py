@@ -7,6 +7,8 @@ import torch
 from fedaigc.eval.evaluator import Evaluator
 from fedaigc.eval.metrics import alignment, confident_accuracy, fid_kid
 
+SCORES = ("style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment")  # per client, and their means
+
 
 def score(
     evaluator: Evaluator,

@@ -21,12 +21,12 @@ from fedaigc import config
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, read_images, split
 from fedaigc.errors import UserError
 from fedaigc.eval.report import markdown_table, save_grid
+from fedaigc.eval.scoring import SCORES
 from fedaigc.server.federate import evaluate_run, simulate
 from fedaigc.server.rundir import RunDir
 
 log = logging.getLogger("fedaigc.experiments")
 
-QUALITY = ("style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment")
 SHOWN = 3  # sample-grid images per domain and row
 TABLE = {  # results.csv column -> quality-table header
     "style_acc": "style acc",
@@ -110,7 +110,7 @@ def numbers(metrics: dict, key: str = "final") -> dict[str, float]:
     """One run's score `key` as flat columns: the means over clients, style accuracy and
     evaluator-FID per domain, clustering, training cost per round and generation cost per image."""
     final = metrics[key]
-    row = {k: final["mean"][k] for k in QUALITY}
+    row = {k: final["mean"][k] for k in SCORES}
     per_client = list(final["per_client"].values())
     for domain in sorted({p["domain"] for p in per_client}):
         mine = [p for p in per_client if p["domain"] == domain]

@@ -18,7 +18,7 @@ from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.eval.report import save_images
 from fedaigc.eval.run_report import write_run_report
-from fedaigc.eval.scoring import score
+from fedaigc.eval.scoring import SCORES, score
 from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
 from fedaigc.server.central import run_central
@@ -140,10 +140,9 @@ def evaluate_run(
             100 * s["class_acc"],
             s["fid"],
         )
-    keys = ["style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment"]
     metrics[key] = {
         "adapters": "global" if global_stack else "own",
-        "mean": {k: float(torch.tensor([v[k] for v in per_client.values()]).mean()) for k in keys},
+        "mean": {k: float(torch.tensor([v[k] for v in per_client.values()]).mean()) for k in SCORES},
         "per_client": per_client,
         "threshold": cfg.evaluator.confidence,
         "samples_per_client": n,
