@@ -113,6 +113,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     [
         ('[client]\ntransfer_dtype = "fp8"\n', "client.transfer_dtype 'fp8'"),
         ("[federation]\nfraction = 0.0\n", "federation.fraction must be in (0, 1]"),
+        ("[client]\ntimestep_bias = 0.0\n", "client.timestep_bias must be > 0"),
         ('[federation]\nstrategy = "fedprox"\n', "unknown strategy 'fedprox'"),
     ],
 )

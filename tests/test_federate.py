@@ -3,6 +3,7 @@ mid-run that resumes to the same final adapters as an uninterrupted run."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,23 @@ def test_killed_server_resumes_to_the_same_adapters(straight_run, tmp_path, tiny
         a, b = load_file(str(straight_run / "adapters" / name)), load_file(str(out / "adapters" / name))
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, name
+
+
+def test_a_finished_run_is_scored_again_with_more_samples(straight_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    assert main(["evaluate", "--run", str(run), "--per-client", "6"]) == 0
+    assert "6 samples per client: style acc" in capsys.readouterr().out
+    m = json.loads((run / "metrics.json").read_text())
+    again, final = m["samples_6"], m["final"]
+    assert again["samples_per_client"] == 6 and set(again["per_client"]) == set(final["per_client"])
+    assert all(0 <= per["style_acc"] <= 1 and per["fid"] == per["fid"] for per in again["per_client"].values())
+    made = sorted((run / "samples" / "samples_6" / "client_0").glob("*.png"))
+    assert len(made) == 6
+    for i in range(final["samples_per_client"]):  # the run's own samples are the first ones: same seeds, same adapter
+        assert made[i].read_bytes() == (run / "samples" / "client_0" / made[i].name).read_bytes()
+    assert main(["evaluate", "--run", str(tmp_path), "--per-client", "6"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
 
 
 def test_resume_needs_a_run_and_a_finished_run_needs_resume(tmp_path, straight_run, capsys):

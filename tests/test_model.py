@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, BertModel
 
 from fedaigc.errors import UserError
 from fedaigc.model.base import DEFAULT_MODEL, load_model
-from fedaigc.model.pretrain import diffusion_loss, pretrain
+from fedaigc.model.pretrain import diffusion_loss, pretrain, sample_timesteps
 from fedaigc.model.sampling import generate
 
 
@@ -53,6 +53,18 @@ def test_stable_diffusion_shaped_folder_loads_through_the_same_path(tmp_path):
     assert latents.shape == (2, 4, 8, 8)
     loss = diffusion_loss(model, latents, model.encode_prompts(["a b", "c d"]))
     assert torch.isfinite(loss)
+
+
+def test_timestep_bias_favours_high_noise_and_one_is_uniform():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(1000, 20_000, g).float()
+    biased = sample_timesteps(1000, 20_000, g, bias=2.0).float()
+    assert 0 <= biased.min() and biased.max() <= 999
+    assert abs(uniform.mean() - 499.5) < 10  # E[T(1 - u)] = T / 2
+    assert abs(biased.mean() - 1000 * 2 / 3) < 10  # E[T(1 - u^2)] = 2T / 3
+    assert (biased >= 900).float().mean() > 2.5 * (uniform >= 900).float().mean()  # the top tenth: P(u^2 <= 0.1) = 0.32 vs 0.1
+    with pytest.raises(ValueError, match="> 0"):
+        sample_timesteps(1000, 4, g, bias=0.0)
 
 
 def test_not_a_model_dir_is_a_user_error(tmp_path):

@@ -132,10 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="train/load the evaluator and score the base model or a folder of samples",
         description="Train (or load) the evaluator CNN, report its held-out accuracy, and score "
-        "generated images: the base model's (default) or a folder in PACS layout (--samples).",
+        "generated images: the base model's (default) or a folder in PACS layout (--samples). With --run, "
+        "score a finished federation's per-client adapters again with --per-client samples each (32 samples "
+        "leave a few points of noise; the seeds of the run's own score are the first of them).",
     )
     _common(p, model=True)
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write evaluation.json, grids and report.md")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where to write evaluation.json, grids and report.md (not with --run)")
+    p.add_argument(
+        "--run",
+        type=Path,
+        metavar="RUN",
+        help="a finished `fedaigc federate` run directory: its scores with --per-client samples go to its metrics.json "
+        "under 'samples_N' and the images to samples/samples_N/",
+    )
+    p.add_argument("--per-client", type=int, default=128, metavar="N", help="with --run: samples per client (default: 128)")
     p.add_argument(
         "--evaluator", type=Path, metavar="FILE", help="a saved evaluator (.safetensors); default: train or reuse the cached one"
     )
@@ -353,6 +363,10 @@ def cmd_serve(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    if args.run is not None:
+        return rescore_run(args)
+    if args.out is None:
+        raise UserError("give --out DIR (where evaluation.json goes), or --run RUN to score a finished federation")
     cfg = _config(args)
     from fedaigc.eval.base_model import evaluate_base
 
@@ -370,6 +384,34 @@ def cmd_evaluate(args) -> None:
             f"(top guess {b['class_top']:.1%}) at threshold {result['threshold']}"
         )
     print(f"results: {args.out / 'evaluation.json'}")
+
+
+def rescore_run(args) -> None:
+    """A finished run's adapters scored again with `--per-client` samples per client (device-only sampling)."""
+    from fedaigc.server.federate import evaluate_run, saved_run
+    from fedaigc.server.rundir import RunDir
+
+    if args.out is not None:
+        raise UserError("--run scores into the run directory itself: leave out --out")
+    if args.per_client < 1:
+        raise UserError(f"--per-client must be at least 1, got {args.per_client}")
+    if not (args.run / "config.toml").is_file():
+        raise UserError(f"{args.run} is not a run directory (no config.toml)")
+    cfg, data, model = saved_run(args.run)
+    run = RunDir(args.run)
+    if run.last_round() < cfg.federation.rounds:
+        raise UserError(f"{args.run} finished {run.last_round()} of {cfg.federation.rounds} rounds: resume it first")
+    cfg.client.samples = args.per_client
+    key = f"samples_{args.per_client}"
+    metrics = evaluate_run(cfg, run, args.data or data, args.model or model, progress=not args.quiet, key=key)
+    scores = metrics[key]
+    for cid, s in scores["per_client"].items():
+        print(f"client {cid} ({s['domain']}): style {s['style_acc']:.1%}, class {s['class_acc']:.1%}, FID {s['fid']:.1f}")
+    mean = scores["mean"]
+    print(
+        f"{cfg.federation.strategy}, {args.per_client} samples per client: style acc {mean['style_acc']:.1%}, "
+        f"class acc {mean['class_acc']:.1%}, evaluator-FID {mean['fid']:.1f} ({run.metrics_file}, key {key!r})"
+    )
 
 
 def cmd_federate(args) -> None:

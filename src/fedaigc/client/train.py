@@ -67,6 +67,8 @@ class LocalClient:
         labels. Prompts name the class and the style word of the image's domain."""
         if cfg.prompt_mode not in PROMPT_MODES:
             raise UserError(f"unknown prompt mode {cfg.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
+        if cfg.timestep_bias <= 0:
+            raise UserError(f"client.timestep_bias must be > 0 (1 = uniform timesteps), got {cfg.timestep_bias}")
         self.model, self.cfg = model, cfg
         self.spec = LoraSpec(cfg.rank, cfg.alpha, cfg.text_encoder_lora, cfg.convs)
         if "initial_lora" not in vars(model):  # the first client on this model
@@ -119,7 +121,7 @@ class LocalClient:
                 flip = torch.rand(len(idx), generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
-                loss = diffusion_loss(model, x, context, generator)
+                loss = diffusion_loss(model, x, context, generator, cfg.timestep_bias)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -29,12 +29,32 @@ log = logging.getLogger(__name__)
 PROMPT_TEMPLATES = ("a picture of a {}", "an image of a {}", "a {}")
 
 
-def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The denoising loss every trainer in fedaigc uses: noise at a random timestep, predict what
-    the scheduler's `prediction_type` asks for (v for the embedded default), MSE."""
+def sample_timesteps(
+    num_train_timesteps: int, batch: int, generator: torch.Generator | None = None, bias: float = 1.0
+) -> torch.Tensor:
+    """Training timesteps ⌊T·(1 − u^bias)⌋, u ~ U(0, 1): bias 1 is uniform (pretraining); above 1
+    favours high noise, where a sample's colours and background (its style) are decided: clients
+    train with `client.timestep_bias` (docs/method.md has the measurement)."""
+    if bias <= 0:
+        raise ValueError(f"timestep bias must be > 0, got {bias}")
+    if bias == 1.0:
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    u = torch.rand(batch, generator=generator)
+    return (num_train_timesteps * (1 - u**bias)).long().clamp(0, num_train_timesteps - 1)
+
+
+def diffusion_loss(
+    model,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator | None = None,
+    timestep_bias: float = 1.0,
+) -> torch.Tensor:
+    """The denoising loss every trainer in fedaigc uses: noise at a random timestep (`sample_timesteps`),
+    predict what the scheduler's `prediction_type` asks for (v for the embedded default), MSE."""
     sched = model.noise_scheduler
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    t = sample_timesteps(sched.config.num_train_timesteps, latents.shape[0], generator, timestep_bias).to(latents.device)
     noisy = sched.add_noise(latents, noise, t)
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(latents, noise, t)

@@ -29,6 +29,14 @@ from fedaigc.server.strategies import Aggregator
 log = logging.getLogger(__name__)
 
 
+def saved_run(root: Path) -> tuple[config.Config, Path | None, Path | None]:
+    """The config, data and model directories a run directory was made with."""
+    cfg = config.from_run_config({"config": (root / "config.toml").read_text()})
+    sources = root / "sources.json"
+    saved = json.loads(sources.read_text()) if sources.is_file() else {}
+    return cfg, Path(saved["data"]) if saved.get("data") else None, Path(saved["model"]) if saved.get("model") else None
+
+
 def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False):
     """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor
     (the `central` baseline trains here, without Flower). Returns the run directory and the config,
@@ -36,16 +44,13 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
     run = RunDir(out)
     if run.last_round() and not resume:
         raise UserError(f"{out} already holds a run (round {run.last_round()} done); pass --resume to continue it")
-    sources = run.root / "sources.json"
     if resume:
-        cfg = config.from_run_config({"config": (run.root / "config.toml").read_text()})
-        saved = json.loads(sources.read_text()) if sources.is_file() else {}
-        data = data or (Path(saved["data"]) if saved.get("data") else None)
-        model = model or (Path(saved["model"]) if saved.get("model") else None)
+        cfg, saved_data, saved_model = saved_run(run.root)
+        data, model = data or saved_data, model or saved_model
     check_config(cfg)
     config.save(cfg, run.root / "config.toml")
     paths = {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""}
-    write_json(sources, paths)
+    write_json(run.root / "sources.json", paths)
     run_config = {"preset": cfg.preset, "config": config.to_toml(cfg), "run-dir": str(run.root.resolve()), **paths}
     if cfg.federation.strategy == "central":
         run_central(cfg, run, data, model)

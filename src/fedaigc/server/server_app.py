@@ -33,6 +33,8 @@ def check_config(cfg: config.Config) -> None:
         raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
     if cfg.client.prompt_mode not in PROMPT_MODES:
         raise UserError(f"unknown client.prompt_mode {cfg.client.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
+    if cfg.client.timestep_bias <= 0:
+        raise UserError(f"client.timestep_bias must be > 0 (1 = uniform timesteps), got {cfg.client.timestep_bias}")
     participation.check(cfg)
     wire_dtype(cfg.client.transfer_dtype)
     Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
