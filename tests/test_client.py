@@ -82,6 +82,14 @@ def test_fine_tuning_changes_lora_and_slot_but_not_the_base(sketch_client):
             assert torch.equal(p, base[n]), n
 
 
+def test_the_rounds_timestep_bias_is_the_one_trained_with(sketch_client):
+    def slot_after(bias):
+        return sketch_client.train_round(None, None, 3, torch.Generator().manual_seed(0), timestep_bias=bias).slot
+
+    assert torch.equal(slot_after(None), slot_after(sketch_client.cfg.timestep_bias))  # no word from the server: the config's
+    assert not torch.equal(slot_after(1.0), slot_after(3.0))  # the same noise and batches, other timesteps
+
+
 def test_warm_start_sets_exactly_what_the_server_sent(sketch_client):
     sent = {k: torch.randn_like(v) * 0.01 for k, v in get_adapter(sketch_client.model).items()}
     slot = torch.randn(sketch_client.model.text_encoder.config.hidden_size)

@@ -59,11 +59,13 @@ class FakeGrid:
 
 @pytest.fixture
 def setup(tmp_path, tiny_cfg, tiny_data, tiny_model_dir):
-    def make(**fed):
+    def make(client=None, **fed):
         cfg = config.from_run_config({"config": config.to_toml(tiny_cfg)})
         cfg.federation.num_clients, cfg.federation.rounds = 4, 2
         for k, v in fed.items():
             setattr(cfg.federation, k, v)
+        for k, v in (client or {}).items():
+            setattr(cfg.client, k, v)
         run_config = {"config": config.to_toml(cfg), "data": str(tiny_data), "model": str(tiny_model_dir)}
         aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
         return cfg, run_config, aggregator, RunDir(tmp_path / f"run_{len(list(tmp_path.iterdir()))}")
@@ -95,6 +97,16 @@ def test_each_node_gets_its_own_clusters_adapter(setup):
         assert all(torch.allclose(got[k], file[k]) for k in got)
     a, b = (next(c for c in sent if clusters[str(c)] == k) for k in set(clusters.values()))
     assert any(not torch.equal(sent[a][k], sent[b][k]) for k in sent[a])
+
+
+@pytest.mark.parametrize("strategy, first_round_bias", [("cluster", 1.0), ("fedavg", 2.0)])
+def test_a_clients_profiling_round_trains_with_uniform_timesteps(setup, strategy, first_round_bias):
+    cfg, run_config, aggregator, run = setup(client={"timestep_bias": 2.0}, strategy=strategy)
+    grid = FakeGrid(4, run_config)
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
+    bias = {(r, cid): float(msg.content["config"]["timestep-bias"]) for r, cid, msg in grid.sent if r}
+    assert {bias[(1, c)] for c in range(4)} == {first_round_bias}  # the cluster strategy's profiles come from round 1
+    assert {bias[(2, c)] for c in range(4)} == {2.0}
 
 
 def test_poisoned_updates_are_rejected_and_never_aggregated(setup):

@@ -72,7 +72,7 @@ class ClientConfig:
     lr: float = 3e-3
     steps: int = 40  # local LoRA steps per federated round
     batch_size: int = 16
-    timestep_bias: float = 1.0  # training timesteps T(1 - u^bias): 1 = uniform, > 1 favours high noise (docs/method.md)
+    timestep_bias: float = 2.0  # training timesteps T(1 - u^bias): 1 = uniform, > 1 favours high noise (docs/method.md)
     text_encoder_lora: bool = True  # the paper's LoRA on the text encoder's attention too
     convs: bool = False  # add the UNet's resnet convs to the LoRA targets
     prompt_mode: str = "private"  # "private": style word -> private token; "plain": style word sent as is

@@ -123,7 +123,8 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
         slot = from_wire(content["slot"].to_torch_state_dict())["slot"] if "slot" in content else None
         merged = from_wire(content["merged"].to_torch_state_dict()) if "merged" in content else None  # FLoRA's global stack
         seed = derived_seed(cfg_rec["seed"], server_round, client_id(context))
-        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), torch.Generator().manual_seed(seed), merged)
+        bias = float(cfg_rec.get("timestep-bias", client.cfg.timestep_bias))
+        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), torch.Generator().manual_seed(seed), merged, bias)
         if client.attack is not None:  # a poisoning experiment's attacker: its update is transformed
             from fedaigc.client.attacks import attack_upload
 

@@ -103,9 +103,11 @@ class LocalClient:
             self.start = self.guard.receive(slot) if slot is not None and slot.numel() else self.initial[1]
             self.token.set_slot(self.start)
 
-    def fine_tune(self, steps: int, generator: torch.Generator) -> float:
-        """`steps` AdamW steps on LoRA (and the token slot); returns the mean loss of the last quarter."""
+    def fine_tune(self, steps: int, generator: torch.Generator, timestep_bias: float | None = None) -> float:
+        """`steps` AdamW steps on LoRA (and the token slot); returns the mean loss of the last quarter.
+        `timestep_bias`: the server's choice for this round (uniform in a profiling round), else the config's."""
         model, cfg = self.model, self.cfg
+        bias = cfg.timestep_bias if timestep_bias is None else timestep_bias
         lora = lora_parameters(model)
         with self.token.learnable() if self.token is not None else nullcontext() as slot:
             lora_and_slot = lora + ([slot] if slot is not None else [])
@@ -121,7 +123,7 @@ class LocalClient:
                 flip = torch.rand(len(idx), generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
-                loss = diffusion_loss(model, x, context, generator, cfg.timestep_bias)
+                loss = diffusion_loss(model, x, context, generator, bias)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -164,6 +166,7 @@ class LocalClient:
         steps: int,
         generator: torch.Generator,
         base_delta: Adapter | None = None,
+        timestep_bias: float | None = None,
     ) -> Upload:
         self.load(adapter, slot, base_delta)
-        return self.make_upload(self.fine_tune(steps, generator), generator)
+        return self.make_upload(self.fine_tune(steps, generator, timestep_bias), generator)

@@ -89,13 +89,9 @@ class ClusterStrategy(Strategy):
             if cid not in chosen:
                 continue
             adapter, slot = self.aggregator.model_for(cid)
-            content = RecordDict(
-                {
-                    "config": ConfigRecord(
-                        {"server-round": server_round, "steps": self.cfg.client.steps, "seed": self.cfg.federation.seed}
-                    )
-                }
-            )
+            bias = 1.0 if self.aggregator.profiling(cid) else self.cfg.client.timestep_bias
+            round_config = {"server-round": server_round, "steps": self.cfg.client.steps, "seed": self.cfg.federation.seed}
+            content = RecordDict({"config": ConfigRecord({**round_config, "timestep-bias": bias})})
             if adapter is not None:
                 lora = to_wire(adapter, self.wire)
                 content["lora"] = ArrayRecord(lora)

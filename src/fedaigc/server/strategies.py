@@ -75,6 +75,12 @@ class Aggregator:
         k = self.assignment.get(cid, 0 if self.cfg.strategy != "cluster" else None)
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
 
+    def profiling(self, cid: int) -> bool:
+        """Whether the client's next upload becomes its profile (cluster strategy, first round): it
+        then trains with uniform timesteps, whatever `client.timestep_bias` says, because a slot
+        learned mostly at high noise holds colour and brightness, not the whole style (docs/method.md)."""
+        return self.cfg.strategy == "cluster" and cid not in self.profiles
+
     def warm_start(self) -> tuple[Adapter, torch.Tensor]:
         """A newcomer's first round with `newcomer_start = "global"`: per layer, the best rank-r
         approximation (truncated SVD) of the global LoRA Σ c_k ΔW_k, rescaled to the clients'
