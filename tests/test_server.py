@@ -99,14 +99,15 @@ def test_each_node_gets_its_own_clusters_adapter(setup):
     assert any(not torch.equal(sent[a][k], sent[b][k]) for k in sent[a])
 
 
-@pytest.mark.parametrize("strategy, first_round_bias", [("cluster", 1.0), ("fedavg", 2.0)])
-def test_a_clients_profiling_round_trains_with_uniform_timesteps(setup, strategy, first_round_bias):
-    cfg, run_config, aggregator, run = setup(client={"timestep_bias": 2.0}, strategy=strategy)
+def test_a_clients_profiling_round_trains_with_uniform_timesteps(setup):
+    cfg, run_config, aggregator, run = setup(client={"timestep_bias": 2.0})
     grid = FakeGrid(4, run_config)
     ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
     bias = {(r, cid): float(msg.content["config"]["timestep-bias"]) for r, cid, msg in grid.sent if r}
-    assert {bias[(1, c)] for c in range(4)} == {first_round_bias}  # the cluster strategy's profiles come from round 1
+    assert {bias[(1, c)] for c in range(4)} == {1.0}  # round 1's uploads become the clients' profiles
     assert {bias[(2, c)] for c in range(4)} == {2.0}
+    fedavg = setup(strategy="fedavg")[2]
+    assert not fedavg.profiling(0)  # no profiles: the configured bias from round 1
 
 
 def test_poisoned_updates_are_rejected_and_never_aggregated(setup):
