@@ -89,7 +89,7 @@ class ClusterStrategy(Strategy):
             if cid not in chosen:
                 continue
             adapter, slot = self.aggregator.model_for(cid)
-            bias = 1.0 if self.aggregator.profiling(cid) else self.cfg.client.timestep_bias
+            bias = self.aggregator.timestep_bias(cid, self.cfg.client.timestep_bias)
             round_config = {"server-round": server_round, "steps": self.cfg.client.steps, "seed": self.cfg.federation.seed}
             content = RecordDict({"config": ConfigRecord({**round_config, "timestep-bias": bias})})
             if adapter is not None:

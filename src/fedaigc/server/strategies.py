@@ -81,6 +81,10 @@ class Aggregator:
         learned mostly at high noise holds colour and brightness, not the whole style (docs/method.md)."""
         return self.cfg.strategy == "cluster" and cid not in self.profiles
 
+    def timestep_bias(self, cid: int, configured: float) -> float:
+        """The timestep bias the client trains its next round with: uniform in a profiling round."""
+        return 1.0 if self.profiling(cid) else configured
+
     def warm_start(self) -> tuple[Adapter, torch.Tensor]:
         """A newcomer's first round with `newcomer_start = "global"`: per layer, the best rank-r
         approximation (truncated SVD) of the global LoRA Σ c_k ΔW_k, rescaled to the clients'
