@@ -37,6 +37,14 @@ class Upload:
     train_loss: float
 
 
+def check_client_config(cfg: ClientConfig) -> None:
+    """Refuse client settings no client could train with (the server checks them too, before Ray starts)."""
+    if cfg.prompt_mode not in PROMPT_MODES:
+        raise UserError(f"unknown client.prompt_mode {cfg.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
+    if cfg.timestep_bias <= 0:
+        raise UserError(f"client.timestep_bias must be > 0 (1 = uniform timesteps), got {cfg.timestep_bias}")
+
+
 def style_prompt(style_word: str, cls: str) -> str:
     return f"a {style_word} of a {cls}"
 
@@ -65,10 +73,7 @@ class LocalClient:
         process share (the first one attaches the LoRA; each adds its own token, and `load` puts
         its LoRA and slot in before each use). `images` in [0, 1] with their (domain, class)
         labels. Prompts name the class and the style word of the image's domain."""
-        if cfg.prompt_mode not in PROMPT_MODES:
-            raise UserError(f"unknown prompt mode {cfg.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
-        if cfg.timestep_bias <= 0:
-            raise UserError(f"client.timestep_bias must be > 0 (1 = uniform timesteps), got {cfg.timestep_bias}")
+        check_client_config(cfg)
         self.model, self.cfg = model, cfg
         self.spec = LoraSpec(cfg.rank, cfg.alpha, cfg.text_encoder_lora, cfg.convs)
         if "initial_lora" not in vars(model):  # the first client on this model

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedaigc import config
 from fedaigc.client.adapter import LoraSpec, from_wire, to_wire, wire_dtype
-from fedaigc.client.train import PROMPT_MODES, Upload
+from fedaigc.client.train import Upload, check_client_config
 from fedaigc.errors import RunFailed, UserError
 from fedaigc.server import participation
 from fedaigc.server.rundir import RunDir, bytes_of, write_json
@@ -31,10 +31,7 @@ def check_config(cfg: config.Config) -> None:
     before Ray starts, so a typo fails in a second with a clear message instead of inside an actor."""
     if not 0 < cfg.federation.fraction <= 1:
         raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
-    if cfg.client.prompt_mode not in PROMPT_MODES:
-        raise UserError(f"unknown client.prompt_mode {cfg.client.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
-    if cfg.client.timestep_bias <= 0:
-        raise UserError(f"client.timestep_bias must be > 0 (1 = uniform timesteps), got {cfg.client.timestep_bias}")
+    check_client_config(cfg.client)
     participation.check(cfg)
     wire_dtype(cfg.client.transfer_dtype)
     Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
