@@ -7,6 +7,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["FEDAIGC_CACHE"] = tempfile.mkdtemp(prefix="fedaigc-test-cache-")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# On a GPU, compare at float32 precision: cuDNN convolutions use TF32 by default (~1e-3 off)
+torch.backends.cudnn.allow_tf32 = False
 
 from fedaigc.config import preset  # noqa: E402
 from fedaigc.data.dataset import write_dataset  # noqa: E402

@@ -29,6 +29,7 @@ def test_every_subcommand_has_help_that_explains_its_options():
         (["data", "--preset", "huge", "--out", "X"], "unknown preset 'huge'"),
         (["evaluate", "--preset", "tiny", "--data", "/nonexistent/dir", "--out", "X"], "data folder not found"),
         (["generate", "--model", "/nonexistent/m", "--prompt", "a", "--out", "x.png"], "not a model directory"),
+        (["generate", "--device", "tpu", "--prompt", "a", "--out", "x.png"], "unknown device 'tpu'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_traceback(args, message, tmp_path):

@@ -25,10 +25,10 @@ def sketch_client(tiny_model_dir, tiny_data):
 
 def _unet_out(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 32, 32, generator=g)
-    ctx = torch.randn(2, 12, 384, generator=g)
+    x = torch.randn(2, 3, 32, 32, generator=g).to(unet.device)
+    ctx = torch.randn(2, 12, 384, generator=g).to(unet.device)
     with torch.no_grad():
-        return unet(x, 500, encoder_hidden_states=ctx).sample
+        return unet(x, 500, encoder_hidden_states=ctx).sample.cpu()
 
 
 def test_rewrite_replaces_only_the_style_word():
@@ -103,7 +103,7 @@ def test_adapter_file_loads_unchanged_into_plain_diffusers_and_back(sketch_clien
     upload = sketch_client.train_round(None, None, steps=3, generator=torch.Generator().manual_seed(0))
     path = save_adapter(tmp_path / "client.safetensors", upload.lora, sketch_client.spec)
     ours = _unet_out(sketch_client.model.unet)
-    plain = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    plain = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").to(sketch_client.model.device)
     base_out = _unet_out(plain)
     plain.load_lora_adapter(str(path), prefix="unet", adapter_name="client")
     assert torch.allclose(_unet_out(plain), ours, atol=1e-6)
@@ -126,16 +126,16 @@ def test_sd_pipeline_load_lora_weights_and_textual_inversion(tmp_path):
                 p.normal_(0, 0.1)
     path = save_adapter(tmp_path / "lora.safetensors", get_adapter(model), model.lora_spec, "clip_text_model")
     token.save(tmp_path / "learned_embeds.safetensors")
-    pipe = StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False).to(model.device)
     pipe.load_lora_weights(str(path))
     pipe.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
-    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
+    x, ctx = torch.randn(1, 4, 8, 8, device=model.device), torch.randn(1, 16, 32, device=model.device)
     with torch.no_grad():
         assert torch.allclose(
             pipe.unet(x, 10, encoder_hidden_states=ctx).sample, model.unet(x, 10, encoder_hidden_states=ctx).sample, atol=1e-5
         )
     tid = pipe.tokenizer.convert_tokens_to_ids("<u00ff>")
-    assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[tid], token.get_slot())
+    assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[tid].cpu(), token.get_slot())
 
 
 def test_bad_adapter_files_are_refused_and_nothing_is_half_loaded(sketch_client, tmp_path):

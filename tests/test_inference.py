@@ -56,13 +56,13 @@ def cluster_run(tiny_model_dir, tmp_path_factory):
 
 def _unet(model, weights=None, mixer=None, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((2, *model.latent_shape), generator=g)
-    ctx = torch.randn(2, 12, model.unet.config.cross_attention_dim, generator=g)
+    x = torch.randn((2, *model.latent_shape), generator=g).to(model.device)
+    ctx = torch.randn(2, 12, model.unet.config.cross_attention_dim, generator=g).to(model.device)
     with torch.no_grad():
         if mixer is None:
-            return model.unet(x, 500, encoder_hidden_states=ctx).sample
+            return model.unet(x, 500, encoder_hidden_states=ctx).sample.cpu()
         with mixer.weights(weights):
-            return model.unet(x, 500, encoder_hidden_states=ctx).sample
+            return model.unet(x, 500, encoder_hidden_states=ctx).sample.cpu()
 
 
 def test_split_run_through_bytes_equals_the_unsplit_run(tiny_model_dir, cluster_run):

@@ -7,7 +7,7 @@ from sd_tiny import write_tiny_sd
 from transformers import AutoTokenizer, BertModel
 
 from fedaigc.errors import UserError
-from fedaigc.model.base import DEFAULT_MODEL, load_model
+from fedaigc.model.base import DEFAULT_MODEL, DEVICE_ENV, load_model, pick_device
 from fedaigc.model.pretrain import diffusion_loss, pretrain, sample_timesteps
 from fedaigc.model.sampling import generate
 
@@ -65,6 +65,23 @@ def test_timestep_bias_favours_high_noise_and_one_is_uniform():
     assert (biased >= 900).float().mean() > 2.5 * (uniform >= 900).float().mean()  # the top tenth: P(u^2 <= 0.1) = 0.32 vs 0.1
     with pytest.raises(ValueError, match="> 0"):
         sample_timesteps(1000, 4, g, bias=0.0)
+
+
+def test_device_choice_flag_then_environment_then_auto(monkeypatch):
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    assert pick_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert pick_device() == torch.device("cpu") and load_model().device == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:x", "meta"):
+        with pytest.raises(UserError, match="unknown device"):
+            pick_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="sees no CUDA GPU"):
+            pick_device("cuda")
+    else:
+        with pytest.raises(UserError, match="CUDA GPU"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
 
 
 def test_not_a_model_dir_is_a_user_error(tmp_path):

@@ -45,6 +45,13 @@ def _common(p: argparse.ArgumentParser, trains: bool = False, model: bool = Fals
         )
     if trains:
         p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    if trains or model:
+        p.add_argument(
+            "--device",
+            metavar="NAME",
+            help="where the diffusion model runs: auto, cpu, cuda or cuda:N (default: $FEDAIGC_DEVICE, else auto: "
+            "the GPU if torch sees one). Data, adapters and the evaluator stay on the CPU",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,7 +364,7 @@ def cmd_serve(args) -> None:
     )
     app = create_app(model, mixer, tokens, limits)
     adapters = ", ".join(mixer.names) if mixer else "none (base model)"
-    log.info("serving %d client token(s); adapters: %s", len(tokens), adapters)
+    log.info("serving %d client token(s) on %s; adapters: %s", len(tokens), model.device, adapters)
     print(f"inference edge server on http://{args.host}:{args.port} (POST /v1/denoise, GET /healthz, GET /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, ws="none", log_level="warning" if args.quiet else "info")
 
@@ -474,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # per-file weight-loading bars say nothing to a user
     try:
+        if hasattr(args, "device"):
+            from fedaigc.model.base import DEVICE_ENV, pick_device
+
+            if args.device:
+                os.environ[DEVICE_ENV] = args.device  # Ray's client workers and `serve` subprocesses inherit it
+            pick_device()  # a bad name fails here, before any work
         args.func(args)
     except UserError as e:
         print(f"fedaigc: error: {e}", file=sys.stderr)

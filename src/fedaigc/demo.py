@@ -21,6 +21,7 @@ from fedaigc.eval.report import markdown_table, save_grid
 from fedaigc.eval.scoring import SCORES
 from fedaigc.inference.device import InferenceServer
 from fedaigc.inference.service import run_service
+from fedaigc.model.base import pick_device
 from fedaigc.server.federate import evaluate_run, simulate
 from fedaigc.server.rundir import RunDir
 
@@ -34,7 +35,7 @@ def run_demo(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     config.save(cfg, out / "config.toml")
-    log.info("step 1/3: data, evaluator and the base model")
+    log.info("step 1/3: data, evaluator and the base model (the diffusion model runs on %s)", pick_device())
     base = evaluate_base(cfg, out, data, model, per_class=8, progress=progress)
     runs = {}
     for i, strategy in enumerate(STRATEGIES, start=2):

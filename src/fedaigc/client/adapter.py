@@ -59,12 +59,12 @@ def lora_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
 
 
 def get_adapter(model: DiffusionModel) -> Adapter:
-    """The model's LoRA tensors as one flat dict in diffusers' file format (detached copies)."""
-    out = {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(model.unet).items()}
+    """The model's LoRA tensors as one flat dict in diffusers' file format (detached CPU copies)."""
+    out = {f"unet.{k}": v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model.unet).items()}
     if model.lora_spec.text_encoder:
         # the private token's row lives in the slot, not in the adapter: never save the embedding matrix
         text = get_peft_model_state_dict(model.text_encoder, save_embedding_layers=False)
-        out |= {f"text_encoder.{k}": v.detach().clone() for k, v in text.items()}
+        out |= {f"text_encoder.{k}": v.detach().to("cpu", copy=True) for k, v in text.items()}
     return out
 
 
@@ -138,8 +138,8 @@ def set_base_delta(model: DiffusionModel, delta: Adapter | None, source: str = "
     new: dict[str, torch.Tensor] = {}
     for layer in layers:
         w = weights[layer]
-        a, b = delta[layer + a_suffix], delta[layer + b_suffix]
-        product = b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double()  # conv: (out, in·k·k)
+        a, b = (delta[layer + s].to(w.device, torch.float64) for s in (a_suffix, b_suffix))
+        product = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)  # conv: (out, in·k·k)
         if product.numel() != w.numel() or not torch.isfinite(product).all():
             raise UserError(f"{source}: {layer} does not fit the layer's shape {tuple(w.shape)} or is not finite")
         new[layer] = (saved.get(layer, w).double() + product.reshape(w.shape)).to(w.dtype)

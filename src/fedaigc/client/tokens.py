@@ -56,18 +56,20 @@ class PrivateToken:
         return self.model.text_encoder.get_input_embeddings()
 
     def get_slot(self) -> torch.Tensor:
-        return self.embeddings.weight[self.id].detach().clone()
+        """The slot's embedding: a CPU copy (what the client uploads and saves)."""
+        return self.embeddings.weight[self.id].detach().to("cpu", copy=True)
 
     def set_slot(self, vector: torch.Tensor) -> None:
         with torch.no_grad():
-            self.embeddings.weight[self.id] = vector.to(self.embeddings.weight.dtype)
+            weight = self.embeddings.weight
+            weight[self.id] = vector.to(weight.device, weight.dtype)
 
     @contextmanager
     def learnable(self) -> Iterator[torch.nn.Parameter]:
         """The slot as its own small trainable parameter while training runs. A forward hook puts
         it into the embedding layer's output, so the 30k-row embedding matrix gets no gradient and
         no optimizer state (training that matrix with a row mask cost ~20 % of every step)."""
-        slot = torch.nn.Parameter(self.get_slot().float())
+        slot = torch.nn.Parameter(self.get_slot().float().to(self.embeddings.weight.device))
 
         def substitute(_module, inputs, output):
             return torch.where((inputs[0] == self.id).unsqueeze(-1), slot.to(output.dtype), output)

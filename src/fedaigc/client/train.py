@@ -125,7 +125,7 @@ class LocalClient:
             for _ in range(steps):
                 idx = torch.randint(0, len(latents), (min(cfg.batch_size, len(latents)),), generator=generator)
                 x = latents[idx]
-                flip = torch.rand(len(idx), generator=generator) < 0.5
+                flip = (torch.rand(len(idx), generator=generator) < 0.5).to(x.device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
                 loss = diffusion_loss(model, x, context, generator, bias)
@@ -151,7 +151,7 @@ class LocalClient:
             return self.token.get_slot().float()
         words = [STYLE_WORDS.get(d, d) for d in self.domains]
         phrases = sorted(set(words))
-        pooled = self.model.pooled_prompts([f"a {w}" for w in phrases])
+        pooled = self.model.pooled_prompts([f"a {w}" for w in phrases]).cpu()
         weights = torch.tensor([words.count(w) for w in phrases], dtype=pooled.dtype)
         return (pooled * weights[:, None]).sum(0) / weights.sum()
 

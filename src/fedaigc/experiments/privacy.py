@@ -126,7 +126,7 @@ class Public:
     @classmethod
     @torch.no_grad()
     def of(cls, model_dir: Path | None, styles: list[str], classes: list[str]) -> Public:
-        model = load_model(model_dir)
+        model = load_model(model_dir, "cpu")  # a few encoder calls: not worth a GPU
         table = model.text_encoder.get_input_embeddings().weight
         words, phrases, prompts, word_ids = {}, {}, {}, {}
         for style in styles:
@@ -145,7 +145,7 @@ def request_row(client: LocalClient, classes: list[str]) -> np.ndarray:
     text-encoder states of its prompts (private token included), as the mean over prompts and
     positions (the server sees every position, padding too)."""
     prompts = [client.prompt_for(client.domain, c) for c in classes]
-    return client.model.encode_prompts(prompts).mean((0, 1)).double().numpy()
+    return client.model.encode_prompts(prompts).mean((0, 1)).double().cpu().numpy()
 
 
 def first_round(client: LocalClient, cfg: config.Config, cid: int, generator_seed: int | None = None):

@@ -95,7 +95,7 @@ class InferenceServer:
                 for i in range(0, len(cond), self.max_images)
             ]
             return SplitState(torch.cat([p.latents for p in parts]), parts[0].step, num_steps)
-        tensors = {"cond": cond.float().contiguous(), "uncond": uncond.float().contiguous()}
+        tensors = {"cond": cond.float().cpu().contiguous(), "uncond": uncond.float().cpu().contiguous()}
         if task_embedding is not None:
             tensors["task_embedding"] = task_embedding.float().contiguous()
         if weights is not None:

@@ -70,7 +70,7 @@ class ClusterMixer:
                 raise RuntimeError("ClusterMixer: run the UNet inside `with mixer.weights(...)`")
             w = self._weights[:, index]
             w = w.repeat(output.shape[0] // w.shape[0])  # classifier-free guidance doubles the batch
-            return output * w.to(output.dtype).view(-1, *[1] * (output.dim() - 1))
+            return output * w.to(output.device, output.dtype).view(-1, *[1] * (output.dim() - 1))
 
         return hook
 

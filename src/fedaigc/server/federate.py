@@ -21,6 +21,7 @@ from fedaigc.eval.run_report import write_run_report
 from fedaigc.eval.scoring import SCORES, score
 from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
+from fedaigc.model.base import pick_device
 from fedaigc.server.central import run_central
 from fedaigc.server.rundir import RunDir, write_json
 from fedaigc.server.server_app import check_config, make_server_app
@@ -39,8 +40,8 @@ def saved_run(root: Path) -> tuple[config.Config, Path | None, Path | None]:
 
 def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False):
     """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor
-    (the `central` baseline trains here, without Flower). Returns the run directory and the config,
-    data and model it ran with (a resumed run keeps its own)."""
+    and, on a GPU, an equal share of it (the `central` baseline trains here, without Flower).
+    Returns the run directory and the config, data and model it ran with (a resumed run keeps its own)."""
     run = RunDir(out)
     if run.last_round() and not resume:
         raise UserError(f"{out} already holds a run (round {run.last_round()} done); pass --resume to continue it")
@@ -58,12 +59,14 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
         from flwr.simulation import run_simulation
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        actors = min(os.cpu_count() or 1, cfg.federation.num_clients)  # one CPU each
+        gpus = 0.0 if pick_device().type == "cpu" else 1.0 / actors  # all client actors share the GPU(s)
         run_simulation(
             server_app=make_server_app(run_config),
             client_app=make_client_app(run_config),
             num_supernodes=cfg.federation.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": 1, "num_gpus": gpus},
                 "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
             },
         )
