@@ -119,8 +119,8 @@ class LocalClient:
             for p in lora:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(lora_and_slot, lr=cfg.lr, weight_decay=0.0)
-            with torch.no_grad():
-                latents = model.to_latent(self.images)
+            with torch.no_grad():  # a batch at a time: a VAE over all the images at once set the peak memory
+                latents = torch.cat([model.to_latent(chunk) for chunk in self.images.split(cfg.batch_size)])
             losses = []
             for _ in range(steps):
                 idx = torch.randint(0, len(latents), (min(cfg.batch_size, len(latents)),), generator=generator)
