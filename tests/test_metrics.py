@@ -1,6 +1,11 @@
+import dataclasses
+
+import pytest
 import torch
 
-from fedaigc.eval.evaluator import Evaluator
+from fedaigc.data.dataset import ImageFolder, split
+from fedaigc.eval import evaluator as evaluator_module
+from fedaigc.eval.evaluator import Evaluator, train_evaluator
 from fedaigc.eval.metrics import alignment, clustering_ari, confident_accuracy, fid_kid
 
 
@@ -47,3 +52,21 @@ def test_evaluator_is_a_torchmetrics_feature_extractor():
     ev = Evaluator(["a", "b"], ["x", "y"]).eval()
     r = fid_kid(torch.rand(16, 3, 32, 32), torch.rand(16, 3, 48, 48), ev)
     assert r["fid"] == r["fid"] and r["kid"] == r["kid"]  # finite numbers, any input size
+
+
+@pytest.mark.parametrize("train", [train_evaluator, evaluator_module._train_evaluator], ids=["ours", "unpinned"])
+def test_evaluator_weights_do_not_depend_on_the_thread_count(train, tiny_data, tiny_cfg):
+    """The measuring instrument must be the same on every machine (it was not: 1 and 2 threads
+    gave different evaluators); the unpinned training loop shows that the test can tell."""
+    data = ImageFolder(tiny_data)
+    samples, _ = split(data.samples, tiny_cfg.data.held_out, tiny_cfg.data.seed)
+    cfg = dataclasses.replace(tiny_cfg.evaluator, steps=5)
+    threads, weights = torch.get_num_threads(), []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            weights.append(train(data, samples, cfg, progress=False).state_dict())
+        finally:
+            torch.set_num_threads(threads)
+    same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert same == (train is train_evaluator)
