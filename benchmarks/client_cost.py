@@ -32,8 +32,8 @@ def tensor_bytes(tensors) -> int:
 
 def model_bytes(client: LocalClient) -> int:
     """The base model's weights and buffers, without the LoRA."""
-    parts = [p for p in (client.model.unet, client.model.text_encoder, client.model.vae) if p is not None]
-    return tensor_bytes(t for part in parts for n, t in [*part.named_parameters(), *part.named_buffers()] if "lora_" not in n)
+    named = (nt for part in client.model.parts for nt in [*part.named_parameters(), *part.named_buffers()])
+    return tensor_bytes(t for n, t in named if "lora_" not in n)
 
 
 def activation_bytes(client: LocalClient) -> int:

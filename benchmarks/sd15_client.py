@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -144,7 +145,8 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated()
         slot = [client.token.get_slot()] if client.token is not None else []
         training = 4 * (tensor_bytes(lora_parameters(model)) + tensor_bytes(slot))  # weights, grads, AdamW moments
-        data = tensor_bytes([client.images]) + tensor_bytes([client.images]) // 48  # images + their latents (4 x 64 x 64)
+        latents = len(client.images) * math.prod(model.latent_shape) * 4  # float32, 4 x 64 x 64 each
+        data = tensor_bytes([client.images]) + latents
         need = model_bytes(client) + training + activations + data
         step, params = bare_step(client, batch)
         reference = seconds_per_step(step, args.steps)

@@ -69,7 +69,7 @@ class PrivateToken:
         """The slot as its own small trainable parameter while training runs. A forward hook puts
         it into the embedding layer's output, so the 30k-row embedding matrix gets no gradient and
         no optimizer state (training that matrix with a row mask cost ~20 % of every step)."""
-        slot = torch.nn.Parameter(self.get_slot().float().to(self.embeddings.weight.device))
+        slot = torch.nn.Parameter(self.embeddings.weight[self.id].detach().float().clone())
 
         def substitute(_module, inputs, output):
             return torch.where((inputs[0] == self.id).unsqueeze(-1), slot.to(output.dtype), output)

@@ -144,17 +144,20 @@ class DiffusionModel:
         schedule leaks no signal (leading spacing starts at t = 960 and leaks 6 %)."""
         return DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
 
+    @property
+    def parts(self) -> list[torch.nn.Module]:
+        """The networks: UNet, text encoder and (latent models) VAE."""
+        return [part for part in (self.unet, self.text_encoder, self.vae) if part is not None]
+
     def to(self, device: torch.device) -> DiffusionModel:
-        for part in (self.unet, self.text_encoder, self.vae):
-            if part is not None:
-                part.to(device)
+        for part in self.parts:
+            part.to(device)
         return self
 
     def freeze(self) -> DiffusionModel:
-        for part in (self.unet, self.text_encoder, self.vae):
-            if part is not None:
-                part.requires_grad_(False)
-                part.eval()
+        for part in self.parts:
+            part.requires_grad_(False)
+            part.eval()
         return self
 
 
