@@ -162,3 +162,24 @@ def test_centering_removes_what_all_clients_share():
     x = common + centers[truth] + 0.05 * rng.normal(size=(8, 32))
     assert clustering_ari(truth, cluster(x)) == 1.0
     assert clustering_ari(truth, cluster(x + 1e3 * common)) == 1.0
+
+
+def test_the_gram_of_low_rank_changes_is_that_of_the_full_matrices():
+    after = [random_lora(rank=3, seed=s) for s in range(3)]
+    start = random_lora(rank=2, seed=9)
+    starts = [None, start, None]
+    changes = [agg.change(a, s, prefix="x.") for a, s in zip(after, starts, strict=True)]
+    assert set(agg.layers(changes[0])) == {"x.attn.to_q", "x.attn.to_out.0"}  # only the layers asked for
+    full_changes = [
+        {layer: full(after[i], 1.0, layer) - (full(start, 1.0, layer) if i == 1 else 0) for layer in agg.layers(changes[0])}
+        for i in range(3)
+    ]
+    for layer, want in full_changes[1].items():  # from a start: B A − B0 A0, at rank 3 + 2
+        assert torch.allclose(full(changes[1], 1.0, layer), want, atol=1e-5)
+    want = torch.tensor([[sum(float((x[k] * y[k]).sum()) for k in x) for y in full_changes] for x in full_changes])
+    g = agg.gram(changes)
+    assert torch.allclose(g, want.double(), rtol=1e-5)
+    points = agg.gram_points(g)
+    assert np.allclose(points @ points.T, g.numpy(), rtol=1e-6, atol=1e-6 * float(g.abs().max()))
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        agg.change(after[0], None, prefix="unet.")

@@ -16,8 +16,10 @@ import torch
 from fedaigc.cli import main
 from fedaigc.client.train import Upload
 from fedaigc.config import preset
+from fedaigc.eval.metrics import clustering_ari
 from fedaigc.experiments.dynamic import newcomers
 from fedaigc.server import aggregation as agg
+from fedaigc.server.clustering import normalize
 from fedaigc.server.participation import participants, schedule
 from fedaigc.server.strategies import Aggregator, place
 
@@ -48,9 +50,23 @@ def upload(cid: int, direction: int, round_: int) -> Upload:
     return Upload(lora(100 * round_ + cid), slot, 10 + cid, slot, 0.1)
 
 
+def style_upload(cid: int, style: int, round_: int) -> Upload:
+    """A client whose update shares its style's direction (noise about half its size); its task
+    embedding carries nothing (the same for everyone). Wider layers than `lora`'s, so that random
+    styles are near orthogonal."""
+    g, noise = torch.Generator().manual_seed(style), torch.Generator().manual_seed(1000 * round_ + cid)
+    out = {}
+    for name, (out_dim, in_dim) in {"unet.attn.to_q": (48, 40), "text.attn.v_proj": (4, 6)}.items():
+        a, b = torch.randn(RANK, in_dim, generator=g), torch.randn(out_dim, RANK, generator=g)
+        out[name + agg.A_SUFFIX] = a + 0.5 * torch.randn(RANK, in_dim, generator=noise)
+        out[name + agg.B_SUFFIX] = b + 0.5 * torch.randn(out_dim, RANK, generator=noise)
+    return Upload(out, torch.ones(DIM), 10, torch.ones(DIM), 0.1)
+
+
 def aggregator(**fed) -> Aggregator:
+    """A cluster server that clusters by the planted task embeddings (random LoRAs carry no style)."""
     cfg = copy.deepcopy(preset("tiny").federation)
-    cfg.strategy, cfg.k = "cluster", 2
+    cfg.strategy, cfg.k, cfg.cluster_by = "cluster", 2, "embedding"
     for key, value in fed.items():
         setattr(cfg, key, value)
     return Aggregator(cfg, SCALE)
@@ -68,6 +84,31 @@ def test_newcomers_go_to_the_planted_nearest_cluster_or_a_new_one():
     assert placed[2][0] == 5  # ... which the next newcomer like it joins
     assert [k for k, _ in place([far], centres, {0: 0.5, 1: 0.5}, threshold=-1.0, fresh=5)] != [5]  # no threshold: nearest
     assert place([near], {0: centres[0]}, {0: 1.0}, threshold=0.3, fresh=1)[0][0] == 1  # one cluster: no direction to compare
+
+
+def test_clients_cluster_by_their_first_updates_and_newcomers_join_by_theirs(tmp_path):
+    server = aggregator(cluster_by="update", k=0, recluster_every=5)
+    styles = {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    server.aggregate(1, {c: style_upload(c, s, 1) for c, s in styles.items()})
+    assert clustering_ari(list(styles.values()), [server.assignment[c] for c in styles]) == 1.0  # K = 3 found
+    changes = server._features(sorted(styles))
+    sims = normalize(changes) @ normalize(changes).T
+    same = np.array([[styles[a] == styles[b] for b in styles] for a in styles])
+    assert sims[same & ~np.eye(6, dtype=bool)].min() > server.cfg.merge_similarity > sims[~same].max()
+    # round 2, no re-clustering: a newcomer of style 1 joins its cluster, one of a new style gets a new one
+    report = server.aggregate(2, {6: style_upload(6, 1, 2), 7: style_upload(7, 3, 2)})
+    assert server.assignment[6] == server.assignment[2]
+    assert server.assignment[7] not in {server.assignment[c] for c in styles}
+    assert report.placed[6] > server.cfg.merge_similarity > report.placed[7]
+    tensors, meta = server.state()  # the changes survive a restart
+    restarted = aggregator(cluster_by="update", k=0)
+    restarted.restore(tensors, meta)
+    assert np.allclose(restarted._features(sorted(server.assignment)), server._features(sorted(server.assignment)))
+    merged = aggregator(cluster_by="update", k=0, merge_similarity=-0.99)  # every update "agrees": one cluster
+    merged.aggregate(1, {c: style_upload(c, s, 1) for c, s in styles.items()})
+    assert len(set(merged.assignment.values())) == 1
+    with pytest.raises(Exception, match="cluster_by"):
+        aggregator(cluster_by="prompt")
 
 
 def test_a_newcomer_starts_from_the_common_start_or_the_global_warm_start():

@@ -99,13 +99,15 @@ def test_each_node_gets_its_own_clusters_adapter(setup):
     assert any(not torch.equal(sent[a][k], sent[b][k]) for k in sent[a])
 
 
-def test_a_clients_profiling_round_trains_with_uniform_timesteps(setup):
-    cfg, run_config, aggregator, run = setup(client={"timestep_bias": 2.0})
+def test_a_clients_profiling_round_trains_with_uniform_timesteps_when_clustering_by_embeddings(setup):
+    cfg, run_config, aggregator, run = setup(client={"timestep_bias": 2.0}, cluster_by="embedding")
     grid = FakeGrid(4, run_config)
     ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
     bias = {(r, cid): float(msg.content["config"]["timestep-bias"]) for r, cid, msg in grid.sent if r}
     assert {bias[(1, c)] for c in range(4)} == {1.0}  # round 1's uploads become the clients' profiles
     assert {bias[(2, c)] for c in range(4)} == {2.0}
+    by_update = setup()[2]  # the default: an update learned with the bias separates styles better
+    assert by_update.profiling(0) and by_update.timestep_bias(0, 2.0) == 2.0
     fedavg = setup(strategy="fedavg")[2]
     assert not fedavg.profiling(0)  # no profiles: the configured bias from round 1
 

@@ -95,7 +95,9 @@ class FederationConfig:
     dirichlet: float = 1.0  # alpha of the Dirichlet over classes
     intra: str = "fedit"  # intra-cluster mode: fedit (average A, B) or exact (average BA, re-factor)
     server_lr: float = 1.0  # cluster strategy: adapter = start + server_lr x (members' average - start)
-    k: int = 0  # number of clusters; 0 = automatic (silhouette)
+    k: int = 0  # number of clusters; 0 = automatic (update: merge_similarity; embedding: silhouette)
+    cluster_by: str = "update"  # what clients are clustered by: update (their first round's UNet change) | embedding
+    merge_similarity: float = 0.18  # cluster_by update, k = 0: clients share a cluster at mean update cosine >= this
     recluster_every: int = 1  # re-cluster every N rounds (ids stay stable)
     tau: float = 0.1  # temperature of the DED softmax
     use_ded: bool = True
@@ -109,7 +111,7 @@ class FederationConfig:
     defense_norm: float = 3.0  # robust: reject ΔW updates longer than this x the cluster's median update norm
     defense_cos: float = 0.3  # robust: reject ΔW updates whose cosine to the others' median update < this x the typical one
     join_rounds: tuple[int, ...] = ()  # per client (cycled over the ids): the first round it is asked; () = round 1
-    join_threshold: float = 0.3  # a newcomer joins the nearest cluster at centred cosine >= this, else a new one
+    join_threshold: float = 0.3  # cluster_by embedding: a newcomer joins the nearest cluster at centred cosine >= this
     newcomer_start: str = "initial"  # a client's first round starts from: initial (the common start) | global (warm start)
     sampling: str = "uniform"  # of the online clients: uniform | network (the rarely seen first, server/participation.py)
     weighting: str = "plain"  # aggregation weights: plain (∝ examples) | network (∝ examples / participation rate)

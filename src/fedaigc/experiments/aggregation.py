@@ -2,7 +2,7 @@
 
 Strategies: local (no federation), FedAvg, FedGeoMed, FLoRA, cluster-aware (ours), central (pooled
 data per domain, the upper bound). Ablations of ours: no DED, no SNT, `exact` instead of `fedit`
-intra-cluster averaging, k fixed to the number of domains instead of chosen by silhouette.
+intra-cluster averaging, k fixed to the number of domains instead of chosen automatically.
 
 DED and SNT only shape the global LoRA (the exact stack of the cluster LoRAs that the inference
 server holds); clients train and generate with their cluster's adapter and never receive it. So

@@ -2,11 +2,10 @@
 
 Every client of the last domain and the last client of the domain before it join after round 1.
 A newcomer's first round starts from the common start (the initial LoRA and neutral slot every
-client began from), so its task embedding is comparable with the profiles of the clients already
-placed; the server then places it by the centred cosine of that embedding to the cluster
-centroids: into the nearest cluster at `federation.join_threshold` or above, else into a new
-cluster (server/strategies.py). Clusters are formed once, in round 1 (`recluster_every` = every
-round), so no client already placed moves. Four runs per seed, with the same clients and partition:
+client began from), so its first update (or task embedding) is comparable with the profiles of
+the clients already placed; the server then places it by `placement_rule` (server/strategies.py).
+Clusters are formed once, in round 1 (`recluster_every` = every round), so no client already
+placed moves. Four runs per seed, with the same clients and partition:
 
 - joined: the existing clients from round 1, the newcomers from round 2, `rounds` rounds more;
 - warm: the same, with the newcomers' first round from the global LoRA truncated to their rank
@@ -164,6 +163,23 @@ def run_dynamic(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
     return write_report(plan, by, late, existing, domains, seconds), summary
 
 
+def threshold(cfg: config.Config) -> float:
+    fed = cfg.federation
+    return fed.merge_similarity if fed.cluster_by == "update" else fed.join_threshold
+
+
+def placement_rule(cfg: config.Config) -> str:
+    """How the server placed a newcomer, in words, for the report."""
+    if cfg.federation.cluster_by == "update":
+        what = "the raw cosine of the UNet change its first round made to each cluster's centroid of those changes"
+    else:
+        what = (
+            "the cosine of its task embedding to each cluster centroid, both taken relative to the share-weighted "
+            "mean of the centroids"
+        )
+    return f"the server then places it by {what}: the nearest cluster if >= {threshold(cfg)}, else a new cluster."
+
+
 def write_report(
     plan: Plan, by: dict[str, Result], late: list[int], existing: list[int], domains: list[str], seconds: float
 ) -> Path:
@@ -179,10 +195,9 @@ def write_report(
         f"Schedule: clients {', '.join(map(str, existing))} train from round 1; clients {', '.join(map(str, late))} "
         f"(newcomers) join in round {JOIN_AFTER + 1} and train {rounds} round(s). Clusters are formed once, in round 1, "
         f"and never re-formed, so no client already placed moves. A newcomer's first round starts from the common start "
-        f"(the initial LoRA and the neutral token slot every client began from in round 1), so its task embedding is "
-        f"comparable with the profiles of the clients already placed (their round-1 embeddings); the server then places "
-        f"it by the cosine of that embedding to each cluster centroid, both taken relative to the share-weighted mean of "
-        f"the centroids: the nearest cluster if >= {cfg.federation.join_threshold}, else a new cluster. A newcomer "
+        f"(the initial LoRA and the neutral token slot every client began from in round 1), so what it uploads is "
+        f"comparable with the profiles of the clients already placed (their round-1 uploads); {placement_rule(cfg)} "
+        f"A newcomer "
         f"placed into an existing cluster is not averaged into it in that first round (it did not train from the "
         f"cluster's adapter); it is from its next round on. *Global warm start*: the same, but the newcomers' first "
         f"round starts from the global LoRA truncated by SVD to rank {cfg.client.rank} and the clusters' token slots "
@@ -211,10 +226,10 @@ def write_report(
             "",
             f"Where each newcomer went after its first round (*right*: into a cluster with clients of its domain when the "
             f"federation already had some, else into a cluster of newcomers only; mean over seeds). Threshold "
-            f"{cfg.federation.join_threshold}.",
+            f"{threshold(cfg)}.",
             "",
             markdown_table(
-                ["setting", "newcomer", "domain seen before", "centred cosine to nearest centroid", "placed in", "right"],
+                ["setting", "newcomer", "domain seen before", "cosine to nearest centroid", "placed in", "right"],
                 rows,
             ),
             "",

@@ -151,7 +151,7 @@ def request_row(client: LocalClient, classes: list[str]) -> np.ndarray:
 def first_round(client: LocalClient, cfg: config.Config, cid: int, generator_seed: int | None = None):
     """The client's round-1 upload, replayed: the initial LoRA and slot, the round's seed as the
     ClientApp derives it (or `generator_seed`, for shadows), the timestep bias the server sends in
-    round 1 (uniform under the cluster strategy: the upload becomes the client's profile)."""
+    round 1 (`Aggregator.timestep_bias`: uniform in a profiling round when clustering by embeddings)."""
     seed = derived_seed(cfg.federation.seed, 1, cid) if generator_seed is None else generator_seed
     bias = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank).timestep_bias(cid, cfg.client.timestep_bias)
     return client.train_round(None, None, cfg.client.steps, torch.Generator().manual_seed(seed), timestep_bias=bias)
@@ -259,7 +259,7 @@ def attack(cfg: config.Config, view: Rows, shadow: Rows, public: Public) -> dict
 def noise_sweep(cfg: config.Config, view: Rows, shadow: Rows, public: Public) -> list[dict[str, float]]:
     """The Gaussian mechanism alone (no rotation) at each ε of SWEEP, applied to the private
     setting's clean round-1 slots: attack accuracies and the round-1 clustering ARI (the server's
-    own clustering), each the mean over SWEEP_DRAWS noise draws."""
+    clustering by task embeddings), each the mean over SWEEP_DRAWS noise draws."""
     c = cfg.client
     out = []
     for eps in SWEEP:
@@ -468,8 +468,10 @@ def write_report(plan: Plan, results: list[Result], sweep: list[dict], seconds: 
             "## Noise alone: attacks and clustering against ε",
             "",
             f"The private setting's clean round-1 slots, through the mechanism alone (no rotation) at each ε, "
-            f"{SWEEP_DRAWS} noise draws each (mean); the clustering is the server's own (automatic k). No federation "
-            f"is run per ε, so utility is only measured at ε = {EPSILON:g} above.",
+            f"{SWEEP_DRAWS} noise draws each (mean); the clustering is the server's clustering by task embeddings "
+            f'(`cluster_by = "embedding"`, automatic k). With `cluster_by = "update"` (the default; this run: '
+            f"{cfg.federation.cluster_by}) the server clusters by the LoRA updates, which the mechanism does not "
+            f"touch. No federation is run per ε, so utility is only measured at ε = {EPSILON:g} above.",
             "",
             markdown_table(
                 ["ε per round", "σ", "nearest word", "shadow probe", "geometry match", "clustering ARI"],

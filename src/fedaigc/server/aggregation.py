@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from fedaigc.client.adapter import Adapter
@@ -178,6 +179,46 @@ def delta(adapter: Adapter, scale: float, layer: str) -> torch.Tensor:
     """The full ΔW of one layer (for tests and small layers only)."""
     b, a = factors(adapter, layer)
     return scale * b @ a
+
+
+def change(after: Adapter, start: Adapter | None, prefix: str = "unet.") -> Adapter:
+    """The low-rank factors of what training changed in the layers named `prefix...`:
+    B A − B₀ A₀ = [B, −B₀] [A; A₀] (rank 2r) from a start, B A itself from the common start
+    (its B is zero)."""
+    out: Adapter = {}
+    for layer in layers(after):
+        if not layer.startswith(prefix):
+            continue
+        b, a = factors(after, layer)
+        if start is not None:
+            b0, a0 = factors(start, layer)
+            b, a = torch.cat([b, -b0], 1), torch.cat([a, a0], 0)
+        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = a.float(), b.float()
+    if not out:
+        raise ValueError(f"change: the adapter has no LoRA layer named {prefix}...")
+    return out
+
+
+def gram(changes: Sequence[Adapter]) -> torch.Tensor:
+    """Inner products ⟨ΔW_i, ΔW_j⟩ (summed over layers, Frobenius) of low-rank changes, from the
+    factors: ⟨B_i A_i, B_j A_j⟩ = Σ_rs (B_iᵀ B_j)_rs (A_i A_jᵀ)_rs, so no ΔW is formed. Ranks may
+    differ between changes (zero-padded)."""
+    n = len(changes)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for layer in layers(changes[0]):
+        fs = [factors(c, layer) for c in changes]
+        r = max(b.shape[1] for b, _ in fs)
+        b = torch.stack([torch.nn.functional.pad(b, (0, r - b.shape[1])) for b, _ in fs])  # (n, out, r)
+        a = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])) for _, a in fs])  # (n, r, in)
+        out += (torch.einsum("nor,mos->nmrs", b, b) * torch.einsum("nri,msi->nmrs", a, a)).sum((2, 3))
+    return out
+
+
+def gram_points(g: torch.Tensor) -> np.ndarray:
+    """Points whose inner products are `g` (rows of V·√Λ from its eigendecomposition): the same
+    cosines as the changes themselves, in n dimensions, for code that clusters vectors."""
+    values, vectors = torch.linalg.eigh(g.double())
+    return (vectors * values.clamp(min=0).sqrt()).numpy()
 
 
 def ded(cluster_embeddings: dict[int, torch.Tensor], shares: dict[int, float]) -> dict[int, float]:

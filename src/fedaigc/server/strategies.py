@@ -24,6 +24,7 @@ from fedaigc.server.clustering import centroids, cluster, match_ids, normalize
 
 STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
 NEWCOMER_STARTS = ("initial", "global")
+CLUSTER_BY = ("update", "embedding")
 
 
 @dataclass
@@ -50,12 +51,18 @@ class Aggregator:
             raise UserError(f"federation.server_lr {cfg.server_lr}: must be > 0 (1 = plain averaging)")
         if cfg.newcomer_start not in NEWCOMER_STARTS:
             raise UserError(f"federation.newcomer_start {cfg.newcomer_start!r}: choose {' or '.join(NEWCOMER_STARTS)}")
+        if cfg.cluster_by not in CLUSTER_BY:
+            raise UserError(f"federation.cluster_by {cfg.cluster_by!r}: choose {' or '.join(CLUSTER_BY)}")
+        if not -1 < cfg.merge_similarity < 1:
+            raise UserError(f"federation.merge_similarity {cfg.merge_similarity}: must be a cosine in (-1, 1)")
         self.cfg, self.scale = cfg, scale
         self.assignment: dict[int, int] = {}
         # each client's profile: the task embedding (and example count) of its first accepted round,
         # trained from the common start, so every client's is comparable with every other's
         self.profiles: dict[int, np.ndarray] = {}
         self.profile_examples: dict[int, float] = {}
+        # cluster_by "update": the factors of what each client's first accepted round changed in the UNet
+        self.changes: dict[int, Adapter] = {}
         self.centroids: dict[int, np.ndarray] = {}  # cluster -> mean profile of its members
         self.cluster_adapters: dict[int, Adapter] = {}
         self.cluster_slots: dict[int, torch.Tensor] = {}
@@ -76,14 +83,17 @@ class Aggregator:
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
 
     def profiling(self, cid: int) -> bool:
-        """Whether the client's next upload becomes its profile (cluster strategy, first round): it
-        then trains with uniform timesteps, whatever `client.timestep_bias` says, because a slot
-        learned mostly at high noise holds colour and brightness, not the whole style (docs/method.md)."""
+        """Whether the client's next upload becomes its profile (cluster strategy, first round). When
+        clients are clustered by their task embeddings it then trains with uniform timesteps,
+        whatever `client.timestep_bias` says, because a slot learned mostly at high noise holds
+        colour and brightness, not the whole style (docs/method.md); an update learned with the
+        bias separates the styles better than a uniform one, so it keeps the bias."""
         return self.cfg.strategy == "cluster" and cid not in self.profiles
 
     def timestep_bias(self, cid: int, configured: float) -> float:
-        """The timestep bias the client trains its next round with: uniform in a profiling round."""
-        return 1.0 if self.profiling(cid) else configured
+        """The timestep bias the client trains its next round with: uniform in a profiling round
+        when clustering by task embeddings."""
+        return 1.0 if self.profiling(cid) and self.cfg.cluster_by == "embedding" else configured
 
     def warm_start(self) -> tuple[Adapter, torch.Tensor]:
         """A newcomer's first round with `newcomer_start = "global"`: per layer, the best rank-r
@@ -182,21 +192,18 @@ class Aggregator:
         for c in first:
             self.profiles[c] = uploads[c].embedding.double().numpy()
             self.profile_examples[c] = float(uploads[c].num_examples)
+            if self.cfg.cluster_by == "update":
+                self.changes[c] = agg.change(uploads[c].lora, sent[c])
         if not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0:
             known = sorted(self.profiles)
-            emb, _ = self._profiles(known)
-            labels = dict(zip(known, (int(x) for x in cluster(emb, k=self.cfg.k or None)), strict=True))
+            labels = dict(zip(known, (int(x) for x in self._cluster(self._features(known))), strict=True))
             mapping, parents = match_ids(self.assignment, labels)
             self.assignment = {c: mapping[x] for c, x in labels.items()}
             for k, parent in parents.items():  # a split cluster's other half starts from its adapter too
                 if parent in self.cluster_adapters:
                     self.cluster_adapters[k], self.cluster_slots[k] = self.cluster_adapters[parent], self.cluster_slots[parent]
         else:
-            shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
-            fresh = max([*self.assignment.values(), *self.centroids]) + 1
-            placed = place([self.profiles[c] for c in first], self.centroids, shares, self.cfg.join_threshold, fresh)
-            for c, (k, similarity) in zip(first, placed, strict=True):
-                self.assignment[c], report.placed[c] = k, similarity
+            self._place(first, report)
         self._refresh_clusters()
         existing = dict(self.cluster_adapters)
         errors = []
@@ -227,6 +234,37 @@ class Aggregator:
             self.cluster_slots[k] = _weighted_mean(slots, w)
         report.fedit_error = float(np.mean(errors)) if errors else 0.0
         self._stack(report)
+
+    def _features(self, cids: list[int]) -> np.ndarray:
+        """What the clients are clustered by, one row each: their task embeddings, or points with
+        the inner products of their first rounds' UNet changes (`agg.gram_points`)."""
+        if self.cfg.cluster_by == "embedding":
+            return self._profiles(cids)[0]
+        return agg.gram_points(agg.gram([self.changes[c] for c in cids]))
+
+    def _cluster(self, features: np.ndarray) -> np.ndarray:
+        """By updates: raw cosines (an update's direction means the same whoever else is in the
+        federation), K fixed or where average linkage reaches `merge_similarity`. By embeddings:
+        centred cosines (every slot starts from the same word), K fixed or silhouette-best."""
+        k = self.cfg.k or None
+        if self.cfg.cluster_by == "embedding":
+            return cluster(features, k=k)
+        return cluster(features, k=k, distance_threshold=None if k else 1.0 - self.cfg.merge_similarity, center=False)
+
+    def _place(self, first: list[int], report: RoundReport) -> None:
+        """Between re-clusterings: the clients seen for the first time join the cluster nearest their
+        feature (or a new one), and nobody else moves."""
+        shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
+        fresh = max([*self.assignment.values(), *self.centroids]) + 1
+        if self.cfg.cluster_by == "embedding":
+            placed = place([self.profiles[c] for c in first], self.centroids, shares, self.cfg.join_threshold, fresh)
+        else:
+            known = sorted(self.assignment)
+            features = self._features(known + first)
+            centres = centroids(features[: len(known)], np.array([self.assignment[c] for c in known]), self._profiles(known)[1])
+            placed = place(list(features[len(known) :]), centres, shares, self.cfg.merge_similarity, fresh, center=False)
+        for c, (k, similarity) in zip(first, placed, strict=True):
+            self.assignment[c], report.placed[c] = k, similarity
 
     def _profiles(self, cids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([self.profiles[c] for c in cids]), np.array([self.profile_examples[c] for c in cids])
@@ -279,6 +317,8 @@ class Aggregator:
         if self.profiles:
             # float32, as uploaded (profiles are float64 copies of float32 embeddings: nothing is lost)
             tensors["profiles"] = torch.from_numpy(np.stack([self.profiles[c] for c in sorted(self.profiles)])).float()
+        for c, ad in self.changes.items():
+            tensors |= {f"change.{c}.{name}": t for name, t in ad.items()}
         meta = {
             "assignment": {str(c): k for c, k in self.assignment.items()},
             "profile_examples": {str(c): n for c, n in sorted(self.profile_examples.items())},
@@ -295,6 +335,7 @@ class Aggregator:
         rows = tensors["profiles"].double().numpy() if "profiles" in tensors else np.zeros((0, 0))
         self.profiles = dict(zip(sorted(self.profile_examples), rows, strict=True))
         self.cluster_adapters, self.cluster_slots, self.own, self.global_adapter = {}, {}, {}, None
+        self.changes = {}
         own_slots: dict[int, torch.Tensor] = {}
         own: dict[int, Adapter] = {}
         for key, t in tensors.items():
@@ -311,6 +352,9 @@ class Aggregator:
                 own.setdefault(int(c), {})[name] = t
             elif kind == "ownslot":
                 own_slots[int(rest)] = t
+            elif kind == "change":
+                c, name = rest.split(".", 1)
+                self.changes.setdefault(int(c), {})[name] = t
             elif kind == "global":
                 self.global_adapter = self.global_adapter or {}
                 self.global_adapter[rest] = t
@@ -321,7 +365,12 @@ class Aggregator:
 
 
 def place(
-    embeddings: list[np.ndarray], centres: dict[int, np.ndarray], shares: dict[int, float], threshold: float, fresh: int
+    embeddings: list[np.ndarray],
+    centres: dict[int, np.ndarray],
+    shares: dict[int, float],
+    threshold: float,
+    fresh: int,
+    center: bool = True,
 ) -> list[tuple[int, float]]:
     """Newcomers' clusters, one after the other, without moving anyone else: the cluster whose
     centroid is most similar, if the cosine is at least `threshold`, else a new cluster (ids from
@@ -329,9 +378,10 @@ def place(
     taken after subtracting the share-weighted mean of the existing centroids (what every profile
     shares, as in `cluster`'s centring): raw cosines between private-token slots all exceed 0.9.
     With one existing cluster that mean is its centroid, so every newcomer gets a new cluster.
-    Returns (cluster id, cosine to the nearest centroid) per newcomer."""
+    Without `center` the cosines are raw (clustering by updates). Returns (cluster id, cosine to
+    the nearest centroid) per newcomer."""
     centres = {k: normalize(np.asarray(v, dtype=np.float64)) for k, v in centres.items()}
-    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items())
+    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items()) if center else 0.0
     directions = {k: normalize(v - mean) for k, v in centres.items()}
     out = []
     for e in embeddings:
