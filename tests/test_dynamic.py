@@ -16,6 +16,7 @@ import torch
 from fedaigc.cli import main
 from fedaigc.client.train import Upload
 from fedaigc.config import preset
+from fedaigc.errors import UserError
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.experiments.dynamic import newcomers
 from fedaigc.server import aggregation as agg
@@ -104,6 +105,10 @@ def test_clients_cluster_by_their_first_updates_and_newcomers_join_by_theirs(tmp
     restarted = aggregator(cluster_by="update", k=0)
     restarted.restore(tensors, meta)
     assert np.allclose(restarted._features(sorted(server.assignment)), server._features(sorted(server.assignment)))
+    by_embedding = aggregator()  # a run made before clustering by updates holds none: a clear error on resume
+    by_embedding.aggregate(1, {c: upload(c, d, 1) for c, d in EXISTING.items()})
+    with pytest.raises(UserError, match='cluster_by = "embedding"'):
+        aggregator(cluster_by="update").restore(*by_embedding.state())
     merged = aggregator(cluster_by="update", k=0, merge_similarity=-0.99)  # every update "agrees": one cluster
     merged.aggregate(1, {c: style_upload(c, s, 1) for c, s in styles.items()})
     assert len(set(merged.assignment.values())) == 1

@@ -167,7 +167,9 @@ def test_the_cluster_round_leaves_out_what_the_defense_rejects(defense):
     g = torch.Generator().manual_seed(9)
     style = {c: torch.tensor([1.0, 0.0, 0.0, 0.0]) if c < 5 else torch.tensor([0.0, 1.0, 0.0, 0.0]) for c in range(10)}
     initial = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in lora(g).items()}
-    aggregator = Aggregator(FederationConfig(defense=defense), SCALE)
+    # clustered by the planted styles: by updates, the sign flipper's own first update would already
+    # set it apart (a cosine of about -1 to its cluster's)
+    aggregator = Aggregator(FederationConfig(defense=defense, cluster_by="embedding"), SCALE)
     for server_round in (1, 2):
         sent = {c: aggregator.model_for(c)[0] or initial for c in range(10)}
         adapters = {}

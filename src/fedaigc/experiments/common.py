@@ -24,6 +24,7 @@ from fedaigc.eval.report import markdown_table, save_grid
 from fedaigc.eval.scoring import SCORES
 from fedaigc.server.federate import evaluate_run, simulate
 from fedaigc.server.rundir import RunDir
+from fedaigc.server.strategies import Aggregator
 
 log = logging.getLogger("fedaigc.experiments")
 
@@ -65,6 +66,8 @@ class Plan:
         run = RunDir(run_dir)
         done = run.last_round()
         if done >= run_cfg.federation.rounds:
+            # restoring checks that the state means what this fedaigc makes of it (an older run's may not)
+            run.restore(Aggregator(run_cfg.federation, run_cfg.client.alpha / run_cfg.client.rank), done)
             log.info("%s: trained already (%d rounds), reusing it", run_dir, done)
             return run
         return simulate(run_cfg, run_dir, self.data, self.model, resume=done > 0)[0]

@@ -359,6 +359,11 @@ class Aggregator:
                 self.global_adapter = self.global_adapter or {}
                 self.global_adapter[rest] = t
         self.own = {c: (ad, own_slots[c]) for c, ad in own.items()}
+        if self.cfg.strategy == "cluster" and self.cfg.cluster_by == "update" and set(self.profiles) - set(self.changes):
+            raise UserError(
+                "this run's state holds no first updates to cluster by: it was clustered by task embeddings "
+                '(fedaigc before 2026-11-24). Set federation.cluster_by = "embedding" to go on with it, or start a new run'
+            )
         any_adapter = next(iter(self.cluster_adapters.values()), None) or next((a for a, _ in self.own.values()), None)
         if any_adapter is not None:
             self.reference = {k: torch.zeros_like(v) for k, v in any_adapter.items()}
