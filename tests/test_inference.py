@@ -241,3 +241,13 @@ def test_device_generate_without_server_is_the_local_sampler(tiny_model_dir, clu
 def test_serve_refuses_a_missing_tokens_file(tmp_path, capsys):
     assert main(["serve", "--tokens", str(tmp_path / "none.txt")]) == 2
     assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_new_tokens_can_be_passed_as_an_option_value(tmp_path):
+    """A token that starts with "-" reads as an option to argparse (`--token -x...`: "expected one
+    argument"); one URL-safe token in 64 did, and failed a hybrid run now and then."""
+    from fedaigc.inference.service import write_new_tokens
+
+    path = write_new_tokens(tmp_path / "tokens.txt", 500)
+    tokens = [line.split()[1] for line in path.read_text().splitlines()]
+    assert len(set(tokens)) == 500 and all(len(t) >= 32 and not t.startswith("-") for t in tokens)

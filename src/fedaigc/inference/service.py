@@ -80,7 +80,7 @@ def write_new_tokens(path: Path, n: int) -> Path:
     path = Path(path)
     if path.exists():
         raise UserError(f"{path} exists; not overwriting its tokens")
-    path.write_text("".join(f"client-{i} {secrets.token_urlsafe(24)}\n" for i in range(n)))
+    path.write_text("".join(f"client-{i} {secrets.token_hex(24)}\n" for i in range(n)))
     path.chmod(0o600)
     return path
 
@@ -366,7 +366,7 @@ def run_service(adapters: Path, model_dir: Path | None, client: str = "local") -
     """A real inference edge server for a run's adapters, with its own copy of the base model, on a
     free port of 127.0.0.1 inside this process and one fresh bearer token: yields (url, token).
     What the demo and the experiments measure hybrid inference through."""
-    token = secrets.token_urlsafe(24)
+    token = secrets.token_hex(24)
     model = load_model(model_dir)
     with serving(create_app(model, ClusterMixer(model, adapters), {token: client})) as url:
         yield url, token
