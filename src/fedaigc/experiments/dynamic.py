@@ -43,6 +43,7 @@ from fedaigc.experiments.common import (
     write_results,
 )
 from fedaigc.server.rundir import RunDir
+from fedaigc.server.strategies import join_threshold
 
 log = logging.getLogger("fedaigc.experiments")
 
@@ -163,11 +164,6 @@ def run_dynamic(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
     return write_report(plan, by, late, existing, domains, seconds), summary
 
 
-def threshold(cfg: config.Config) -> float:
-    fed = cfg.federation
-    return fed.merge_similarity if fed.cluster_by == "update" else fed.join_threshold
-
-
 def placement_rule(cfg: config.Config) -> str:
     """How the server placed a newcomer, in words, for the report."""
     if cfg.federation.cluster_by == "update":
@@ -177,7 +173,7 @@ def placement_rule(cfg: config.Config) -> str:
             "the cosine of its task embedding to each cluster centroid, both taken relative to the share-weighted "
             "mean of the centroids"
         )
-    return f"the server then places it by {what}: the nearest cluster if >= {threshold(cfg)}, else a new cluster."
+    return f"the server then places it by {what}: the nearest cluster if >= {join_threshold(cfg.federation)}, else a new cluster."
 
 
 def write_report(
@@ -226,7 +222,7 @@ def write_report(
             "",
             f"Where each newcomer went after its first round (*right*: into a cluster with clients of its domain when the "
             f"federation already had some, else into a cluster of newcomers only; mean over seeds). Threshold "
-            f"{threshold(cfg)}.",
+            f"{join_threshold(cfg.federation)}.",
             "",
             markdown_table(
                 ["setting", "newcomer", "domain seen before", "cosine to nearest centroid", "placed in", "right"],

@@ -27,6 +27,11 @@ NEWCOMER_STARTS = ("initial", "global")
 CLUSTER_BY = ("update", "embedding")
 
 
+def join_threshold(cfg: FederationConfig) -> float:
+    """The cosine a newcomer needs to its nearest centroid to join that cluster between re-clusterings."""
+    return cfg.merge_similarity if cfg.cluster_by == "update" else cfg.join_threshold
+
+
 @dataclass
 class RoundReport:
     round: int
@@ -257,12 +262,12 @@ class Aggregator:
         shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
         fresh = max([*self.assignment.values(), *self.centroids]) + 1
         if self.cfg.cluster_by == "embedding":
-            placed = place([self.profiles[c] for c in first], self.centroids, shares, self.cfg.join_threshold, fresh)
+            placed = place([self.profiles[c] for c in first], self.centroids, shares, join_threshold(self.cfg), fresh)
         else:
             known = sorted(self.assignment)
             features = self._features(known + first)
             centres = centroids(features[: len(known)], np.array([self.assignment[c] for c in known]), self._profiles(known)[1])
-            placed = place(list(features[len(known) :]), centres, shares, self.cfg.merge_similarity, fresh, center=False)
+            placed = place(list(features[len(known) :]), centres, shares, join_threshold(self.cfg), fresh, center=False)
         for c, (k, similarity) in zip(first, placed, strict=True):
             self.assignment[c], report.placed[c] = k, similarity
 
