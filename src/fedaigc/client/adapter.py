@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 
@@ -48,7 +48,9 @@ def attach_lora(model: DiffusionModel, spec: LoraSpec) -> DiffusionModel:
     """Add a fresh LoRA (B = 0, so the model is unchanged) to the UNet and, if asked, the text encoder."""
     model.unet.add_adapter(spec.unet_config())
     if spec.text_encoder:
-        model.text_encoder.add_adapter(spec.text_config(model.text_encoder.config.model_type))
+        # peft itself, not transformers' `add_adapter`: that wrapper refuses any peft older than the
+        # one its release was tested with (transformers 5.24 asks for peft >= 0.22, not yet released)
+        inject_adapter_in_model(spec.text_config(model.text_encoder.config.model_type), model.text_encoder)
     model.lora_spec = spec
     return model
 
