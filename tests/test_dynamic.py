@@ -20,7 +20,7 @@ from fedaigc.errors import UserError
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.experiments.dynamic import newcomers
 from fedaigc.server import aggregation as agg
-from fedaigc.server.clustering import normalize
+from fedaigc.server.clustering import cluster, join, normalize
 from fedaigc.server.participation import participants, schedule
 from fedaigc.server.strategies import Aggregator, place
 
@@ -85,6 +85,18 @@ def test_newcomers_go_to_the_planted_nearest_cluster_or_a_new_one():
     assert placed[2][0] == 5  # ... which the next newcomer like it joins
     assert [k for k, _ in place([far], centres, {0: 0.5, 1: 0.5}, threshold=-1.0, fresh=5)] != [5]  # no threshold: nearest
     assert place([near], {0: centres[0]}, {0: 1.0}, threshold=0.3, fresh=1)[0][0] == 1  # one cluster: no direction to compare
+
+
+def test_newcomers_join_by_the_clusterings_average_linkage_not_the_centroid():
+    a, b = np.sqrt(0.625), np.sqrt(0.375)
+    members = np.array([[a, b, 0.0], [a, -b, 0.0]])  # one cluster, its two members at cosine 0.25
+    c = 0.146 / a  # a newcomer at cosine 0.146 to each member is at c = 0.185 to their centroid (1, 0, 0)
+    lone, like_lone, member_like = [c, 0.0, np.sqrt(1 - c * c)], [c, 0.1, np.sqrt(0.99 - c * c)], [1.0, 0.0, 0.0]
+    placed = join(np.array([lone, like_lone, member_like]), members, np.array([3, 3]), threshold=0.18, fresh=4)
+    assert placed[0] == (4, pytest.approx(0.146))  # above the threshold to the centroid, below it on average
+    assert placed[1][0] == 4 and placed[2] == (3, pytest.approx(a))  # the second lone one joins the first
+    labels = cluster(np.array([*members, lone]), distance_threshold=1 - 0.18, center=False)
+    assert labels[0] == labels[1] != labels[2]  # what clustering everyone at once would have done
 
 
 def test_clients_cluster_by_their_first_updates_and_newcomers_join_by_theirs(tmp_path):

@@ -167,13 +167,16 @@ def run_dynamic(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
 def placement_rule(cfg: config.Config) -> str:
     """How the server placed a newcomer, in words, for the report."""
     if cfg.federation.cluster_by == "update":
-        what = "the raw cosine of the UNet change its first round made to each cluster's centroid of those changes"
+        what = (
+            "the mean raw cosine of the UNet change its first round made to those of each cluster's members (the "
+            "clustering's average linkage)"
+        )
     else:
         what = (
             "the cosine of its task embedding to each cluster centroid, both taken relative to the share-weighted "
             "mean of the centroids"
         )
-    return f"the server then places it by {what}: the nearest cluster if >= {join_threshold(cfg.federation)}, else a new cluster."
+    return f"the server then places it by {what}: the most similar cluster if >= {join_threshold(cfg.federation)}, else a new cluster."
 
 
 def write_report(
@@ -225,7 +228,7 @@ def write_report(
             f"{join_threshold(cfg.federation)}.",
             "",
             markdown_table(
-                ["setting", "newcomer", "domain seen before", "cosine to nearest centroid", "placed in", "right"],
+                ["setting", "newcomer", "domain seen before", "similarity to nearest cluster", "placed in", "right"],
                 rows,
             ),
             "",

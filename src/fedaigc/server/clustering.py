@@ -70,6 +70,31 @@ def cluster(
     return best
 
 
+def join(
+    newcomers: np.ndarray, members: np.ndarray, labels: np.ndarray, threshold: float, fresh: int
+) -> list[tuple[int, float]]:
+    """Newcomers' clusters by `cluster`'s own rule, average linkage on raw cosine, without moving
+    anyone else: one after the other, a newcomer joins the cluster whose members it is most similar
+    to on average if that mean cosine is at least `threshold` (the similarity at which `cluster`
+    would merge it), else it starts a new cluster (ids from `fresh` on), and later newcomers count
+    it as a member. The mean of cosines, not the cosine to the centroid: that one is the mean
+    divided by the centroid's length (< 1), so it grows with how spread a cluster is and lets in
+    newcomers that the clustering would have kept apart. Returns (cluster id, mean cosine to the
+    most similar cluster) per newcomer."""
+    x, y = normalize(np.asarray(members, dtype=np.float64)), normalize(np.asarray(newcomers, dtype=np.float64))
+    groups = {int(k): list(x[labels == k]) for k in np.unique(labels)}
+    out = []
+    for v in y:
+        similarity = {k: float(np.mean(np.stack(m) @ v)) for k, m in groups.items()}
+        nearest = max(similarity, key=similarity.get)
+        best = similarity[nearest]
+        if best < threshold:
+            nearest, fresh = fresh, fresh + 1
+        groups.setdefault(nearest, []).append(v)
+        out.append((nearest, best))
+    return out
+
+
 def centroids(embeddings: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """Normalized (example-weighted) mean embedding of each cluster."""
     x = normalize(np.asarray(embeddings, dtype=np.float64))

@@ -20,7 +20,7 @@ from fedaigc.config import FederationConfig
 from fedaigc.errors import UserError
 from fedaigc.server import aggregation as agg
 from fedaigc.server import defense
-from fedaigc.server.clustering import centroids, cluster, match_ids, normalize
+from fedaigc.server.clustering import centroids, cluster, join, match_ids, normalize
 
 STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
 NEWCOMER_STARTS = ("initial", "global")
@@ -40,7 +40,7 @@ class RoundReport:
     fedit_error: float = float("nan")  # mean relative error of fedit vs exact, over clusters
     coefficients: dict[int, float] = field(default_factory=dict)  # cluster -> mean stacking coefficient
     ded: dict[int, float] = field(default_factory=dict)
-    placed: dict[int, float] = field(default_factory=dict)  # newcomer -> centred cosine to its nearest centroid
+    placed: dict[int, float] = field(default_factory=dict)  # newcomer -> similarity to its nearest cluster (place / join)
 
 
 class Aggregator:
@@ -258,7 +258,8 @@ class Aggregator:
 
     def _place(self, first: list[int], report: RoundReport) -> None:
         """Between re-clusterings: the clients seen for the first time join the cluster nearest their
-        feature (or a new one), and nobody else moves."""
+        feature (or a new one), and nobody else moves. By embeddings: the nearest centroid at centred
+        cosine >= `join_threshold`; by updates: the clustering's own average-linkage rule (`join`)."""
         shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
         fresh = max([*self.assignment.values(), *self.centroids]) + 1
         if self.cfg.cluster_by == "embedding":
@@ -266,8 +267,8 @@ class Aggregator:
         else:
             known = sorted(self.assignment)
             features = self._features(known + first)
-            centres = centroids(features[: len(known)], np.array([self.assignment[c] for c in known]), self._profiles(known)[1])
-            placed = place(list(features[len(known) :]), centres, shares, join_threshold(self.cfg), fresh, center=False)
+            labels = np.array([self.assignment[c] for c in known])
+            placed = join(features[len(known) :], features[: len(known)], labels, join_threshold(self.cfg), fresh)
         for c, (k, similarity) in zip(first, placed, strict=True):
             self.assignment[c], report.placed[c] = k, similarity
 
@@ -380,7 +381,6 @@ def place(
     shares: dict[int, float],
     threshold: float,
     fresh: int,
-    center: bool = True,
 ) -> list[tuple[int, float]]:
     """Newcomers' clusters, one after the other, without moving anyone else: the cluster whose
     centroid is most similar, if the cosine is at least `threshold`, else a new cluster (ids from
@@ -388,10 +388,10 @@ def place(
     taken after subtracting the share-weighted mean of the existing centroids (what every profile
     shares, as in `cluster`'s centring): raw cosines between private-token slots all exceed 0.9.
     With one existing cluster that mean is its centroid, so every newcomer gets a new cluster.
-    Without `center` the cosines are raw (clustering by updates). Returns (cluster id, cosine to
-    the nearest centroid) per newcomer."""
+    (Clustering by task embeddings; by updates, newcomers `join` by average linkage.) Returns
+    (cluster id, cosine to the nearest centroid) per newcomer."""
     centres = {k: normalize(np.asarray(v, dtype=np.float64)) for k, v in centres.items()}
-    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items()) if center else 0.0
+    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items())
     directions = {k: normalize(v - mean) for k, v in centres.items()}
     out = []
     for e in embeddings:
