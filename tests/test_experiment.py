@@ -116,9 +116,10 @@ def test_privacy_modes_then_reuse_and_refuse(tmp_path, tiny_data, tiny_model_dir
     capsys.readouterr()
     assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private", "--num-clients", "3") == 2
     assert "another config" in capsys.readouterr().err
-    saved = out / "private_seed0" / "config.toml"  # a run of an older fedaigc: no server_lr yet, the default
-    saved.write_text("".join(line for line in saved.read_text().splitlines(True) if not line.startswith("server_lr")))
-    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private") == 0
+    saved = out / "private_seed0" / "config.toml"  # a run of an older fedaigc: no timestep_bias yet (it trained uniform)
+    saved.write_text("".join(line for line in saved.read_text().splitlines(True) if not line.startswith("timestep_bias")))
+    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private") == 2  # not taken for a bias-2 run
+    assert "older fedaigc" in (err := capsys.readouterr().err) and "client.timestep_bias" in err
     assert state.stat().st_mtime_ns == before
 
 

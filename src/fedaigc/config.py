@@ -217,5 +217,28 @@ def from_run_config(run_config: dict) -> Config:
     return cfg
 
 
+def from_saved(path: Path) -> Config:
+    """The config a run directory was made with (its `config.toml`), refusing one written by an
+    older fedaigc that lacks a key added since: filling it with today's default would pass off,
+    say, a run trained before `client.timestep_bias` existed (uniform timesteps) as one with
+    today's bias 2."""
+
+    def keys(tree: dict, where: str = "") -> set[str]:
+        out = set()
+        for key, value in tree.items():
+            out |= keys(value, f"{where}{key}.") if isinstance(value, dict) else {where + key}
+        return out
+
+    text = Path(path).read_text()
+    cfg = from_run_config({"config": text})
+    missing = sorted(keys(asdict(cfg)) - keys(tomllib.loads(text)))
+    if missing:
+        raise UserError(
+            f"{Path(path).parent} holds a run of an older fedaigc (its config.toml lacks {missing[0]}, so what "
+            "that run did there is unknown): remove it or choose another --out"
+        )
+    return cfg
+
+
 def to_toml(cfg: Config) -> str:
     return tomli_w.dumps(asdict(cfg))

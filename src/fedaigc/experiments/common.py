@@ -58,10 +58,10 @@ class Plan:
 
     def train(self, run_cfg: config.Config, run_dir: Path) -> RunDir:
         """Federate once into `run_dir`. A finished run of the same config is reused and an unfinished
-        one resumed, so a stopped experiment continues; a run of another config is never mixed in.
-        Compared as configs, not as text: keys a newer fedaigc added take their defaults."""
+        one resumed, so a stopped experiment continues; a run of another config, or of an older
+        fedaigc (`config.from_saved`), is never mixed in."""
         saved = run_dir / "config.toml"
-        if saved.is_file() and config.from_run_config({"config": saved.read_text()}) != run_cfg:
+        if saved.is_file() and config.from_saved(saved) != run_cfg:
             raise UserError(f"{run_dir} holds a run of another config: remove it or choose another --out")
         run = RunDir(run_dir)
         done = run.last_round()

@@ -176,7 +176,8 @@ def placement_rule(cfg: config.Config) -> str:
             "the cosine of its task embedding to each cluster centroid, both taken relative to the share-weighted "
             "mean of the centroids"
         )
-    return f"the server then places it by {what}: the most similar cluster if >= {join_threshold(cfg.federation)}, else a new cluster."
+    threshold = join_threshold(cfg.federation)
+    return f"the server then places it by {what}: the most similar cluster if >= {threshold}, else a new cluster."
 
 
 def write_report(

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def saved_run(root: Path) -> tuple[config.Config, Path | None, Path | None]:
     """The config, data and model directories a run directory was made with."""
-    cfg = config.from_run_config({"config": (root / "config.toml").read_text()})
+    cfg = config.from_saved(root / "config.toml")
     sources = root / "sources.json"
     saved = json.loads(sources.read_text()) if sources.is_file() else {}
     return cfg, Path(saved["data"]) if saved.get("data") else None, Path(saved["model"]) if saved.get("model") else None
