@@ -260,9 +260,9 @@ class Aggregator:
         """Between re-clusterings: the clients seen for the first time join the cluster nearest their
         feature (or a new one), and nobody else moves. By embeddings: the nearest centroid at centred
         cosine >= `join_threshold`; by updates: the clustering's own average-linkage rule (`join`)."""
-        shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
         fresh = max([*self.assignment.values(), *self.centroids]) + 1
         if self.cfg.cluster_by == "embedding":
+            shares = {k: n / len(self.assignment) for k, n in Counter(self.assignment.values()).items()}
             placed = place([self.profiles[c] for c in first], self.centroids, shares, join_threshold(self.cfg), fresh)
         else:
             known = sorted(self.assignment)
