@@ -20,9 +20,9 @@ from fedaigc.errors import UserError
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.experiments.dynamic import newcomers
 from fedaigc.server import aggregation as agg
-from fedaigc.server.clustering import cluster, join, normalize
+from fedaigc.server.clustering import cluster, join, normalize, place
 from fedaigc.server.participation import participants, schedule
-from fedaigc.server.strategies import Aggregator, place
+from fedaigc.server.strategies import Aggregator
 
 SHAPES = {"unet.attn.to_q": (6, 5), "text.attn.v_proj": (4, 6)}
 RANK, SCALE = 2, 2.0

@@ -95,6 +95,36 @@ def join(
     return out
 
 
+def place(
+    embeddings: list[np.ndarray],
+    centres: dict[int, np.ndarray],
+    shares: dict[int, float],
+    threshold: float,
+    fresh: int,
+) -> list[tuple[int, float]]:
+    """Newcomers' clusters, one after the other, without moving anyone else: the cluster whose
+    centroid is most similar, if the cosine is at least `threshold`, else a new cluster (ids from
+    `fresh` on) whose centroid is the newcomer's, so a later newcomer like it joins it. Cosines are
+    taken after subtracting the share-weighted mean of the existing centroids (what every profile
+    shares, as in `cluster`'s centring): raw cosines between private-token slots all exceed 0.9.
+    With one existing cluster that mean is its centroid, so every newcomer gets a new cluster.
+    (Clustering by task embeddings; by updates, newcomers `join` by average linkage.) Returns
+    (cluster id, cosine to the nearest centroid) per newcomer."""
+    centres = {k: normalize(np.asarray(v, dtype=np.float64)) for k, v in centres.items()}
+    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items())
+    directions = {k: normalize(v - mean) for k, v in centres.items()}
+    out = []
+    for e in embeddings:
+        d = normalize(normalize(np.asarray(e, dtype=np.float64)) - mean)
+        nearest = max(directions, key=lambda k: float(directions[k] @ d))
+        similarity = float(directions[nearest] @ d)
+        if similarity < threshold:
+            nearest, fresh = fresh, fresh + 1
+            directions[nearest] = d
+        out.append((nearest, similarity))
+    return out
+
+
 def centroids(embeddings: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """Normalized (example-weighted) mean embedding of each cluster."""
     x = normalize(np.asarray(embeddings, dtype=np.float64))

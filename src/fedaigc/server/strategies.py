@@ -20,7 +20,7 @@ from fedaigc.config import FederationConfig
 from fedaigc.errors import UserError
 from fedaigc.server import aggregation as agg
 from fedaigc.server import defense
-from fedaigc.server.clustering import centroids, cluster, join, match_ids, normalize
+from fedaigc.server.clustering import centroids, cluster, join, match_ids, place
 
 STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
 NEWCOMER_STARTS = ("initial", "global")
@@ -28,7 +28,8 @@ CLUSTER_BY = ("update", "embedding")
 
 
 def join_threshold(cfg: FederationConfig) -> float:
-    """The cosine a newcomer needs to its nearest centroid to join that cluster between re-clusterings."""
+    """The similarity a newcomer needs to join a cluster between re-clusterings: by updates the mean
+    cosine to its members (`clustering.join`), by embeddings the centred cosine to its centroid (`clustering.place`)."""
     return cfg.merge_similarity if cfg.cluster_by == "update" else cfg.join_threshold
 
 
@@ -373,36 +374,6 @@ class Aggregator:
         any_adapter = next(iter(self.cluster_adapters.values()), None) or next((a for a, _ in self.own.values()), None)
         if any_adapter is not None:
             self.reference = {k: torch.zeros_like(v) for k, v in any_adapter.items()}
-
-
-def place(
-    embeddings: list[np.ndarray],
-    centres: dict[int, np.ndarray],
-    shares: dict[int, float],
-    threshold: float,
-    fresh: int,
-) -> list[tuple[int, float]]:
-    """Newcomers' clusters, one after the other, without moving anyone else: the cluster whose
-    centroid is most similar, if the cosine is at least `threshold`, else a new cluster (ids from
-    `fresh` on) whose centroid is the newcomer's, so a later newcomer like it joins it. Cosines are
-    taken after subtracting the share-weighted mean of the existing centroids (what every profile
-    shares, as in `cluster`'s centring): raw cosines between private-token slots all exceed 0.9.
-    With one existing cluster that mean is its centroid, so every newcomer gets a new cluster.
-    (Clustering by task embeddings; by updates, newcomers `join` by average linkage.) Returns
-    (cluster id, cosine to the nearest centroid) per newcomer."""
-    centres = {k: normalize(np.asarray(v, dtype=np.float64)) for k, v in centres.items()}
-    mean = sum(shares.get(k, 0.0) * v for k, v in centres.items())
-    directions = {k: normalize(v - mean) for k, v in centres.items()}
-    out = []
-    for e in embeddings:
-        d = normalize(normalize(np.asarray(e, dtype=np.float64)) - mean)
-        nearest = max(directions, key=lambda k: float(directions[k] @ d))
-        similarity = float(directions[nearest] @ d)
-        if similarity < threshold:
-            nearest, fresh = fresh, fresh + 1
-            directions[nearest] = d
-        out.append((nearest, similarity))
-    return out
 
 
 def _weighted_mean(vectors: list[torch.Tensor], weights) -> torch.Tensor:
