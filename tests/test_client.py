@@ -4,7 +4,10 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from sd_tiny import write_tiny_sd
 
+from fedaigc import config
+from fedaigc.client import adapter as adapter_module
 from fedaigc.client.adapter import LoraSpec, attach_lora, get_adapter, load_adapter_file, save_adapter
+from fedaigc.client.client_app import build_client
 from fedaigc.client.tokens import PrivateToken, rewrite
 from fedaigc.client.train import LocalClient, Upload
 from fedaigc.config import ClientConfig
@@ -167,3 +170,20 @@ def test_bad_adapter_files_are_refused_and_nothing_is_half_loaded(sketch_client,
             load_adapter_file(sketch_client.model, tmp_path / name)
         assert name in str(err.value)
         assert torch.equal(_unet_out(sketch_client.model.unet), before), f"{name} half-loaded"
+
+
+def test_a_client_build_that_fails_halfway_leaves_no_half_adapted_model(tiny_cfg, tiny_data, tiny_model_dir, monkeypatch):
+    cfg = config.from_run_config({"config": config.to_toml(tiny_cfg)})
+    cfg.federation.num_clients = n = 2  # a config of its own: no other test's clients share its model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the text encoder's LoRA failed")
+
+    monkeypatch.setattr(adapter_module, "inject_adapter_in_model", broken)  # after the UNet got its LoRA
+    for _ in range(2):  # the retry meets the real error again, not "adapter already exists"
+        with pytest.raises(RuntimeError, match="text encoder's LoRA failed"):
+            build_client(cfg, 0, n, tiny_data, tiny_model_dir)
+    monkeypatch.undo()
+    client = build_client(cfg, 0, n, tiny_data, tiny_model_dir)
+    assert any(k.startswith("text_encoder.") for k in client.initial[0])
+    assert all(torch.count_nonzero(v) == 0 for k, v in client.initial[0].items() if "lora_B" in k)

@@ -57,7 +57,14 @@ def build_client(cfg: config.Config, cid: int, num_clients: int, data_dir=None, 
     model, clients = _SHARED[key]
     build_key = (cid, num_clients, str(data_dir or ""), own_folder)
     if build_key not in clients:
-        clients[build_key] = _new_client(model, cfg, cid, num_clients, data_dir, own_folder)
+        try:
+            clients[build_key] = _new_client(model, cfg, cid, num_clients, data_dir, own_folder)
+        except Exception:
+            # the first client attaches the LoRA: a failure halfway would leave a half-adapted model,
+            # and the retry's "adapter already exists" would hide this error, so the model goes too
+            if not clients:
+                del _SHARED[key]
+            raise
     return clients[build_key]
 
 
