@@ -103,3 +103,6 @@ def test_federate_central_pools_each_domain(tmp_path, tiny_data, tiny_model_dir)
     assert m["clustering"]["ari"] == 1.0
     a, b = (load_file(str(tmp_path / "run" / "adapters" / f"client_{c}.safetensors")) for c in (0, 4))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # one adapter, two clients: each draws its own noises, so the domain is scored on twice the images
+    made = [sorted((tmp_path / "run" / "samples" / f"client_{c}").glob("*.png")) for c in (0, 4)]
+    assert made[0] and all(x.read_bytes() != y.read_bytes() for x, y in zip(*made, strict=True))

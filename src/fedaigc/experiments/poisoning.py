@@ -41,6 +41,7 @@ from fedaigc.experiments.common import (
     write_results,
 )
 from fedaigc.inference.device import PersonalModel, generate
+from fedaigc.server.federate import sample_seed
 from fedaigc.server.rundir import RunDir, write_json
 from fedaigc.server.strategies import Aggregator
 
@@ -50,7 +51,6 @@ PER_STYLE = 5  # clients per style at least: one attacker is then 20 % of its cl
 ATTACKER_SHARE = 0.2
 STYLE_ATTACKS = ("backdoor", "scale", "signflip", "noise")  # the attack in the cluster of the i-th style (sorted)
 ATTACK_LABELS = {"backdoor": "backdoor", "scale": "scaled update", "signflip": "sign flip", "noise": "random noise"}
-SAMPLE_SEED = 10_000  # what evaluate_run samples from: triggered and plain prompts share their noise
 
 
 def layout(plan: Plan) -> tuple[int, dict[int, str], list[str]]:
@@ -125,7 +125,7 @@ def backdoor_success(plan: Plan, run_cfg: config.Config, run: RunDir, victims: l
         made = generate(
             PersonalModel(client.model, client.token),
             prompts,
-            SAMPLE_SEED,
+            sample_seed(cid),  # evaluate_run's: triggered and plain prompts share their noise
             s.steps,
             s.guidance,
             guidance_rescale=s.guidance_rescale,

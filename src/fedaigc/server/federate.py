@@ -75,6 +75,16 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
     return run, cfg, data, model
 
 
+SAMPLE_SEED = 10_000
+
+
+def sample_seed(cid: int) -> int:
+    """The noise seed of client `cid`'s first evaluation sample (then +1 per sample). Each client
+    draws its own noises: the members of a cluster share its adapter, and with shared seeds they
+    would make the same images, so the cluster's score would rest on one member's samples."""
+    return SAMPLE_SEED + 100_000 * cid
+
+
 def evaluate_run(
     cfg: config.Config,
     run: RunDir,
@@ -128,7 +138,7 @@ def evaluate_run(
         made = hybrid_generate(
             device,
             prompts,
-            10_000,
+            sample_seed(cid),
             cfg.sample.steps,
             cfg.sample.guidance,
             server=server,
