@@ -65,9 +65,10 @@ def style_upload(cid: int, style: int, round_: int) -> Upload:
 
 
 def aggregator(**fed) -> Aggregator:
-    """A cluster server that clusters by the planted task embeddings (random LoRAs carry no style)."""
+    """A cluster server that clusters by the planted task embeddings (random LoRAs carry no style);
+    by updates, by the uploads' own (no profiling pass: these uploads carry none)."""
     cfg = copy.deepcopy(preset("tiny").federation)
-    cfg.strategy, cfg.k, cfg.cluster_by = "cluster", 2, "embedding"
+    cfg.strategy, cfg.k, cfg.cluster_by, cfg.profile_steps = "cluster", 2, "embedding", 0
     for key, value in fed.items():
         setattr(cfg, key, value)
     return Aggregator(cfg, SCALE)

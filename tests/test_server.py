@@ -11,6 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fedaigc import config
+from fedaigc.client.adapter import from_wire
 from fedaigc.client.client_app import make_client_app
 from fedaigc.errors import UserError
 from fedaigc.server.participation import sample_clients
@@ -99,17 +100,51 @@ def test_each_node_gets_its_own_clusters_adapter(setup):
     assert any(not torch.equal(sent[a][k], sent[b][k]) for k in sent[a])
 
 
-def test_a_clients_profiling_round_trains_with_uniform_timesteps_when_clustering_by_embeddings(setup):
-    cfg, run_config, aggregator, run = setup(client={"timestep_bias": 2.0}, cluster_by="embedding")
-    grid = FakeGrid(4, run_config)
-    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
-    bias = {(r, cid): float(msg.content["config"]["timestep-bias"]) for r, cid, msg in grid.sent if r}
-    assert {bias[(1, c)] for c in range(4)} == {1.0}  # round 1's uploads become the clients' profiles
-    assert {bias[(2, c)] for c in range(4)} == {2.0}
-    by_update = setup()[2]  # the default: an update learned with the bias separates styles better
-    assert by_update.profiling(0) and by_update.timestep_bias(0, 2.0) == 2.0
+def test_a_clients_first_round_trains_uniformly_and_a_profiling_pass_at_the_bias_is_what_it_is_clustered_by(setup):
+    def round_config(strategy_setup, **fed):
+        cfg, run_config, aggregator, run = strategy_setup
+        replies = {}
+        grid = FakeGrid(4, run_config, tamper={(1, c): (lambda content, c=c: replies.__setitem__(c, content)) for c in range(4)})
+        ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
+        configs = {(r, cid): msg.content["config"] for r, cid, msg in grid.sent if r}
+        asked = {key: (c["timestep-bias"], c["profile-steps"]) for key, c in configs.items()}
+        return aggregator, replies, [{asked[(r, c)] for c in range(4)} for r in (1, 2)]
+
+    by_update = setup(client={"timestep_bias": 2.0}, profile_steps=3)  # the default: clustered by first updates
+    aggregator, replies, (first, second) = round_config(by_update)
+    assert first == {(1.0, 3)} and second == {(2.0, 0)}
+    for c, content in replies.items():
+        profile = from_wire(content["profile"].to_torch_state_dict())
+        assert profile.keys() == {k for k in from_wire(content["lora"].to_torch_state_dict()) if k.startswith("unet.")}
+        change = aggregator.changes[c]
+        assert all(torch.equal(change[k], profile[k]) for k in change)  # from the common start: the change is the LoRA
+    _, replies, (first, second) = round_config(setup(client={"timestep_bias": 2.0}, profile_steps=0))
+    assert first == second == {(2.0, 0)} and all("profile" not in r for r in replies.values())  # the round is the profile
+    _, _, (first, second) = round_config(setup(client={"timestep_bias": 2.0}, cluster_by="embedding"))
+    assert first == {(1.0, 0)} and second == {(2.0, 0)}  # the uniform round's token slot is the profile
     fedavg = setup(strategy="fedavg")[2]
-    assert not fedavg.profiling(0)  # no profiles: the configured bias from round 1
+    assert not fedavg.profiling(0) and fedavg.profile_steps(0) == 0 and fedavg.timestep_bias(0, 2.0) == 2.0
+
+
+def test_a_missing_or_poisoned_profile_rejects_the_clients_first_round(setup):
+    cfg, run_config, aggregator, run = setup(k=1)
+
+    def drop(content):
+        del content["profile"]
+
+    def nan(content):
+        arrays = content["profile"].to_torch_state_dict()
+        next(iter(arrays.values()))[..., 0] = float("nan")
+        content["profile"] = ArrayRecord(arrays)
+
+    grid = FakeGrid(4, run_config, tamper={(1, 0): drop, (1, 3): nan})
+    ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
+    rounds = json.loads(run.metrics_file.read_text())["rounds"]
+    assert "no profile" in rounds[0]["rejected"]["0"] and "profile: NaN" in rounds[0]["rejected"]["3"]
+    assert set(rounds[0]["clusters"]) == {"1", "2"} and sorted(aggregator.changes) == [0, 1, 2, 3]
+    assert rounds[1]["rejected"] == {}  # asked again in round 2, with a profile this time
+    sent = {(r, cid): msg.content["config"]["profile-steps"] for r, cid, msg in grid.sent if r}
+    assert sent[(2, 0)] == sent[(2, 3)] == cfg.federation.profile_steps and sent[(2, 1)] == 0
 
 
 def test_poisoned_updates_are_rejected_and_never_aggregated(setup):

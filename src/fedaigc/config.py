@@ -98,6 +98,7 @@ class FederationConfig:
     k: int = 0  # number of clusters; 0 = automatic (update: merge_similarity; embedding: silhouette)
     cluster_by: str = "update"  # what clients are clustered by: update (their first round's UNet change) | embedding
     merge_similarity: float = 0.18  # cluster_by update, k = 0: clients share a cluster at mean update cosine >= this
+    profile_steps: int = 40  # cluster_by update: a first round's extra pass at the timestep bias, clustered by; 0 = none
     recluster_every: int = 1  # re-cluster every N rounds (ids stay stable)
     tau: float = 0.1  # temperature of the DED softmax
     use_ded: bool = True
@@ -155,7 +156,7 @@ def preset(name: str) -> Config:
         cfg.sample = SampleConfig(steps=4)
         cfg.evaluator = EvaluatorConfig(steps=30, batch_size=32)
         cfg.client = ClientConfig(steps=3, batch_size=8, samples=4)
-        cfg.federation = FederationConfig(num_clients=4, rounds=2, per_client=16)
+        cfg.federation = FederationConfig(num_clients=4, rounds=2, per_client=16, profile_steps=3)
     elif name == "paper":
         cfg.data = DataConfig(per_class=400, size=64)
         cfg.model = ModelConfig(block_out_channels=(64, 128, 256), layers_per_block=2)

@@ -131,7 +131,9 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
         merged = from_wire(content["merged"].to_torch_state_dict()) if "merged" in content else None  # FLoRA's global stack
         seed = derived_seed(cfg_rec["seed"], server_round, client_id(context))
         bias = float(cfg_rec.get("timestep-bias", client.cfg.timestep_bias))
-        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), torch.Generator().manual_seed(seed), merged, bias)
+        profiling = int(cfg_rec.get("profile-steps", 0)), float(cfg_rec.get("profile-bias", client.cfg.timestep_bias))
+        generator = torch.Generator().manual_seed(seed)
+        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), generator, merged, bias, *profiling)
         if client.attack is not None:  # a poisoning experiment's attacker: its update is transformed
             from fedaigc.client.attacks import attack_upload
 
@@ -147,6 +149,8 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
                 ),
             }
         )
+        if upload.profile is not None:
+            reply["profile"] = ArrayRecord(to_wire(upload.profile, wire))
         return Message(content=reply, reply_to=msg)
 
     @app.query()

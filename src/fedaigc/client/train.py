@@ -35,6 +35,7 @@ class Upload:
     num_examples: int
     embedding: torch.Tensor  # the encoded task: pooled text-encoder output of the rewritten prompts
     train_loss: float
+    profile: Adapter | None = None  # UNet LoRA after a profiling pass, when the server asks for one (docs/method.md)
 
 
 def check_client_config(cfg: ClientConfig) -> None:
@@ -172,6 +173,18 @@ class LocalClient:
         generator: torch.Generator,
         base_delta: Adapter | None = None,
         timestep_bias: float | None = None,
+        profile_steps: int = 0,
+        profile_bias: float | None = None,
     ) -> Upload:
+        """With `profile_steps`, a profiling pass comes first: that many steps at `profile_bias` from
+        the same start, whose UNet LoRA becomes the upload's `profile` (what the server clusters the
+        client by) and is then thrown away; the round's own training starts from the start again."""
+        profile = None
+        if profile_steps:
+            self.load(adapter, slot, base_delta)
+            self.fine_tune(profile_steps, generator, profile_bias)
+            profile = {k: v for k, v in get_adapter(self.model).items() if k.startswith("unet.")}
         self.load(adapter, slot, base_delta)
-        return self.make_upload(self.fine_tune(steps, generator, timestep_bias), generator)
+        upload = self.make_upload(self.fine_tune(steps, generator, timestep_bias), generator)
+        upload.profile = profile
+        return upload

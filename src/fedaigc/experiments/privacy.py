@@ -150,11 +150,13 @@ def request_row(client: LocalClient, classes: list[str]) -> np.ndarray:
 
 def first_round(client: LocalClient, cfg: config.Config, cid: int, generator_seed: int | None = None):
     """The client's round-1 upload, replayed: the initial LoRA and slot, the round's seed as the
-    ClientApp derives it (or `generator_seed`, for shadows), the timestep bias the server sends in
-    round 1 (`Aggregator.timestep_bias`: uniform in a profiling round when clustering by embeddings)."""
+    ClientApp derives it (or `generator_seed`, for shadows), and the timestep bias and profiling
+    pass the server asks for in round 1 (`Aggregator.timestep_bias`, `Aggregator.profile_steps`)."""
     seed = derived_seed(cfg.federation.seed, 1, cid) if generator_seed is None else generator_seed
-    bias = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank).timestep_bias(cid, cfg.client.timestep_bias)
-    return client.train_round(None, None, cfg.client.steps, torch.Generator().manual_seed(seed), timestep_bias=bias)
+    server = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+    bias, profile_steps = server.timestep_bias(cid, cfg.client.timestep_bias), server.profile_steps(cid)
+    generator = torch.Generator().manual_seed(seed)
+    return client.train_round(None, None, cfg.client.steps, generator, None, bias, profile_steps, cfg.client.timestep_bias)
 
 
 def server_view(cfg: config.Config, run: RunDir, plan: Plan, classes: list[str]) -> Rows:

@@ -70,9 +70,7 @@ def cluster(
     return best
 
 
-def join(
-    newcomers: np.ndarray, members: np.ndarray, labels: np.ndarray, threshold: float, fresh: int
-) -> list[tuple[int, float]]:
+def join(newcomers: np.ndarray, members: np.ndarray, labels: np.ndarray, threshold: float, fresh: int) -> list[tuple[int, float]]:
     """Newcomers' clusters by `cluster`'s own rule, average linkage on raw cosine, without moving
     anyone else: one after the other, a newcomer joins the cluster whose members it is most similar
     to on average if that mean cosine is at least `threshold` (the similarity at which `cluster`

@@ -88,7 +88,9 @@ class ClusterStrategy(Strategy):
             adapter, slot = self.aggregator.model_for(cid)
             bias = self.aggregator.timestep_bias(cid, self.cfg.client.timestep_bias)
             round_config = {"server-round": server_round, "steps": self.cfg.client.steps, "seed": self.cfg.federation.seed}
-            content = RecordDict({"config": ConfigRecord({**round_config, "timestep-bias": bias})})
+            round_config |= {"timestep-bias": bias, "profile-steps": self.aggregator.profile_steps(cid)}
+            round_config |= {"profile-bias": self.cfg.client.timestep_bias}
+            content = RecordDict({"config": ConfigRecord(round_config)})
             if adapter is not None:
                 lora = to_wire(adapter, self.wire)
                 content["lora"] = ArrayRecord(lora)
@@ -113,9 +115,17 @@ class ClusterStrategy(Strategy):
             cid = int(m["client-id"])
             extra = c["extra"].to_torch_state_dict()
             lora = c["lora"].to_torch_state_dict()
-            up_bytes[cid] = bytes_of(lora) + bytes_of(extra)  # as they travelled
+            profile = c["profile"].to_torch_state_dict() if "profile" in c else {}
+            up_bytes[cid] = bytes_of(lora) + bytes_of(extra) + bytes_of(profile)  # as they travelled
             extra, lora = from_wire(extra), from_wire(lora)  # the server's state and math stay float32
-            uploads[cid] = Upload(lora, extra["slot"], int(m["num-examples"]), extra["embedding"], float(m["train-loss"]))
+            uploads[cid] = Upload(
+                lora,
+                extra["slot"],
+                int(m["num-examples"]),
+                extra["embedding"],
+                float(m["train-loss"]),
+                from_wire(profile) if profile else None,
+            )
         if not uploads:
             raise RunFailed(f"round {server_round}: no client returned an update (see the client errors above)")
         expected = set(self.sampled)

@@ -61,6 +61,8 @@ class Aggregator:
             raise UserError(f"federation.cluster_by {cfg.cluster_by!r}: choose {' or '.join(CLUSTER_BY)}")
         if not -1 < cfg.merge_similarity < 1:
             raise UserError(f"federation.merge_similarity {cfg.merge_similarity}: must be a cosine in (-1, 1)")
+        if cfg.profile_steps < 0:
+            raise UserError(f"federation.profile_steps {cfg.profile_steps}: must be >= 0 (0 = no profiling pass)")
         self.cfg, self.scale = cfg, scale
         self.assignment: dict[int, int] = {}
         # each client's profile: the task embedding (and example count) of its first accepted round,
@@ -89,17 +91,22 @@ class Aggregator:
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
 
     def profiling(self, cid: int) -> bool:
-        """Whether the client's next upload becomes its profile (cluster strategy, first round). When
-        clients are clustered by their task embeddings it then trains with uniform timesteps,
-        whatever `client.timestep_bias` says, because a slot learned mostly at high noise holds
-        colour and brightness, not the whole style (docs/method.md); an update learned with the
-        bias separates the styles better than a uniform one, so it keeps the bias."""
+        """Whether the client's next upload makes its profile (cluster strategy, first round)."""
         return self.cfg.strategy == "cluster" and cid not in self.profiles
 
+    def profile_steps(self, cid: int) -> int:
+        """Steps of the profiling pass the client runs before its round (`Upload.profile`): by
+        updates, in its profiling round, if `profile_steps` asks for one."""
+        return self.cfg.profile_steps if self.profiling(cid) and self.cfg.cluster_by == "update" else 0
+
     def timestep_bias(self, cid: int, configured: float) -> float:
-        """The timestep bias the client trains its next round with: uniform in a profiling round
-        when clustering by task embeddings."""
-        return 1.0 if self.profiling(cid) and self.cfg.cluster_by == "embedding" else configured
+        """The timestep bias the client trains its next round with: uniform in a profiling round,
+        `configured` otherwise. A first round with uniform timesteps trains better adapters than one
+        with the bias, but what it learns separates the styles worse (docs/method.md): so by
+        updates the profile comes from a separate pass at the configured bias (without one, the
+        round itself keeps the bias), and by embeddings the slot of the uniform round is the profile."""
+        uniform = self.profiling(cid) and (self.cfg.cluster_by == "embedding" or self.profile_steps(cid) > 0)
+        return 1.0 if uniform else configured
 
     def warm_start(self) -> tuple[Adapter, torch.Tensor]:
         """A newcomer's first round with `newcomer_start = "global"`: per layer, the best rank-r
@@ -132,6 +139,8 @@ class Aggregator:
                 if not (torch.isfinite(uploads[c].embedding).all() and torch.isfinite(uploads[c].slot).all()):
                     rejected[c] = "NaN or Inf in embedding or token slot"
                     cids.remove(c)
+            rejected |= self._screen_profiles(cids, uploads)
+            cids = [c for c in cids if c not in rejected]
         report = RoundReport(server_round, {}, rejected)
         if not cids:
             report.clusters = dict(self.assignment)
@@ -149,6 +158,16 @@ class Aggregator:
             self._cluster_round(server_round, cids, uploads, report, examples)
         report.clusters = {c: self.assignment[c] for c in sorted(self.assignment)}
         return report
+
+    def _screen_profiles(self, cids: list[int], uploads: dict[int, Upload]) -> dict[int, str]:
+        """{client: reason} for the clients asked for a profiling pass whose profile is missing or
+        malformed (the names and shapes of the UNet part of the adapter, finite, norm as `screen`)."""
+        asked = [c for c in cids if self.profile_steps(c)]
+        missing = {c: "no profile (the server asked for a profiling pass)" for c in asked if uploads[c].profile is None}
+        unet = {k: v for k, v in self.reference.items() if k.startswith("unet.")}
+        profiles = {str(c): uploads[c].profile for c in asked if c not in missing}
+        _, bad = agg.screen(profiles, unet, self.cfg.norm_factor)
+        return missing | {int(c): f"profile: {reason}" for c, reason in bad.items()}
 
     def _one_cluster(self, cids: list[int], uploads: dict[int, Upload], examples: dict[int, float]) -> None:
         weights = [examples[c] for c in cids]
@@ -199,7 +218,8 @@ class Aggregator:
             self.profiles[c] = uploads[c].embedding.double().numpy()
             self.profile_examples[c] = float(uploads[c].num_examples)
             if self.cfg.cluster_by == "update":
-                self.changes[c] = agg.change(uploads[c].lora, sent[c])
+                profile = uploads[c].profile if uploads[c].profile is not None else uploads[c].lora
+                self.changes[c] = agg.change(profile, sent[c])
         if not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0:
             known = sorted(self.profiles)
             labels = dict(zip(known, (int(x) for x in self._cluster(self._features(known))), strict=True))
