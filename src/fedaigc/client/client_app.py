@@ -131,9 +131,10 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
         merged = from_wire(content["merged"].to_torch_state_dict()) if "merged" in content else None  # FLoRA's global stack
         seed = derived_seed(cfg_rec["seed"], server_round, client_id(context))
         bias = float(cfg_rec.get("timestep-bias", client.cfg.timestep_bias))
-        profiling = int(cfg_rec.get("profile-steps", 0)), float(cfg_rec.get("profile-bias", client.cfg.timestep_bias))
+        profile_steps = int(cfg_rec.get("profile-steps", 0))  # the server's: a profiling pass first (docs/method.md)
+        profile_bias = float(cfg_rec.get("profile-bias", client.cfg.timestep_bias))
         generator = torch.Generator().manual_seed(seed)
-        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), generator, merged, bias, *profiling)
+        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), generator, merged, bias, profile_steps, profile_bias)
         if client.attack is not None:  # a poisoning experiment's attacker: its update is transformed
             from fedaigc.client.attacks import attack_upload
 

@@ -86,10 +86,14 @@ class ClusterStrategy(Strategy):
             if cid not in chosen:
                 continue
             adapter, slot = self.aggregator.model_for(cid)
-            bias = self.aggregator.timestep_bias(cid, self.cfg.client.timestep_bias)
-            round_config = {"server-round": server_round, "steps": self.cfg.client.steps, "seed": self.cfg.federation.seed}
-            round_config |= {"timestep-bias": bias, "profile-steps": self.aggregator.profile_steps(cid)}
-            round_config |= {"profile-bias": self.cfg.client.timestep_bias}
+            round_config = {
+                "server-round": server_round,
+                "steps": self.cfg.client.steps,
+                "seed": self.cfg.federation.seed,
+                "timestep-bias": self.aggregator.timestep_bias(cid, self.cfg.client.timestep_bias),
+                "profile-steps": self.aggregator.profile_steps(cid),
+                "profile-bias": self.cfg.client.timestep_bias,
+            }
             content = RecordDict({"config": ConfigRecord(round_config)})
             if adapter is not None:
                 lora = to_wire(adapter, self.wire)
