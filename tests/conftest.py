@@ -16,6 +16,16 @@ from fedaigc.config import preset  # noqa: E402
 from fedaigc.data.dataset import write_dataset  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons: with several threads, float sums may differ in the last bit between
+    two runs, and AdamW's first step (lr x the gradient's sign) can turn that into lr."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return preset("tiny")

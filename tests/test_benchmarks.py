@@ -21,16 +21,6 @@ import many_clients  # noqa: E402
 import run_all  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons: with several threads, float sums may differ in the last bit between
-    two model copies, and AdamW's first step (lr x the gradient's sign) can turn that into lr."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_clients_of_one_process_share_one_model_and_train_as_with_their_own(tiny_cfg, tiny_data, tiny_model_dir, one_thread):
     cfg = config.from_run_config({"config": config.to_toml(tiny_cfg)})
     cfg.federation.num_clients = n = 3  # a config of its own: no other test's clients share its model

@@ -93,6 +93,25 @@ def test_the_rounds_timestep_bias_is_the_one_trained_with(sketch_client):
     assert not torch.equal(slot_after(1.0), slot_after(3.0))  # the same noise and batches, other timesteps
 
 
+def test_a_profiling_pass_is_the_rounds_update_of_before_and_the_round_restarts_from_the_start(sketch_client, one_thread):
+    def round_(**kwargs):
+        return sketch_client.train_round(None, None, 3, torch.Generator().manual_seed(0), **kwargs)
+
+    profiled = round_(timestep_bias=1.0, profile_steps=3, profile_bias=2.0)
+    biased, uniform = round_(timestep_bias=2.0), round_(timestep_bias=1.0)
+    unet = {k: v for k, v in biased.lora.items() if k.startswith("unet.")}
+    assert profiled.profile.keys() == unet.keys() and all(torch.equal(profiled.profile[k], unet[k]) for k in unet)
+    assert biased.profile is None and uniform.profile is None
+    # the round itself: from the start again (not on top of the pass), uniform, the generator's next draws
+    generator = torch.Generator().manual_seed(0)
+    for bias in (2.0, 1.0):
+        sketch_client.load(None, None)
+        sketch_client.fine_tune(3, generator, bias)
+    after = get_adapter(sketch_client.model)
+    assert all(torch.equal(profiled.lora[k], after[k]) for k in after)
+    assert not torch.equal(profiled.lora[next(iter(unet))], uniform.lora[next(iter(unet))])
+
+
 def test_warm_start_sets_exactly_what_the_server_sent(sketch_client):
     sent = {k: torch.randn_like(v) * 0.01 for k, v in get_adapter(sketch_client.model).items()}
     slot = torch.randn(sketch_client.model.text_encoder.config.hidden_size)
