@@ -85,7 +85,7 @@ def test_fine_tuning_changes_lora_and_slot_but_not_the_base(sketch_client):
             assert torch.equal(p, base[n]), n
 
 
-def test_the_rounds_timestep_bias_is_the_one_trained_with(sketch_client):
+def test_the_rounds_timestep_bias_is_the_one_trained_with(sketch_client, one_thread):  # bit-exact: one thread
     def slot_after(bias):
         return sketch_client.train_round(None, None, 3, torch.Generator().manual_seed(0), timestep_bias=bias).slot
 

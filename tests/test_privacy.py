@@ -99,10 +99,13 @@ def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny
                 client = build_client(cfg, cid, 4, tiny_data, tiny_model_dir)
                 adapter, slot = aggregator.model_for(cid)
                 gen = torch.Generator().manual_seed(derived_seed(cfg.federation.seed, rnd, cid))
-                uploads[cid] = client.train_round(adapter, slot, cfg.client.steps, gen)
-            aggregator.aggregate(rnd, uploads)
+                bias, profile_steps = aggregator.timestep_bias(cid, cfg.client.timestep_bias), aggregator.profile_steps(cid)
+                bias_of_pass = cfg.client.timestep_bias
+                uploads[cid] = client.train_round(adapter, slot, cfg.client.steps, gen, None, bias, profile_steps, bias_of_pass)
+            assert aggregator.aggregate(rnd, uploads).rejected == {}  # as the ClientApp would: with round 1's profiling pass
         runs[key] = (aggregator, uploads)
     (plain_agg, plain_up), (rot_agg, rot_up) = runs[0], runs[5]
+    assert sorted(plain_agg.assignment) == [0, 1, 2, 3]
     r = rotation(5, 384).float()
 
     def close(a: torch.Tensor, b: torch.Tensor) -> bool:  # float32 rounding of R and Rᵀ, carried through round 2
