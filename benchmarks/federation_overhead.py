@@ -15,6 +15,7 @@ server's aggregation plus writing the round. Prints `name: value (target)` lines
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -69,8 +70,9 @@ def serialisation_seconds(uploads: dict[int, Upload]) -> float:
 
 
 def server_seconds(cfg: Config, uploads: dict[int, Upload], spec) -> float:
-    """The server's part of a round: aggregation and writing the round directory."""
-    aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+    """The server's part of a round: aggregation and writing the round directory. The uploads come
+    without a profiling pass, so they are their own profiles (else the server would reject them all)."""
+    aggregator = Aggregator(dataclasses.replace(cfg.federation, profile_steps=0), cfg.client.alpha / cfg.client.rank)
     with tempfile.TemporaryDirectory(prefix="fedaigc-overhead-") as tmp:
         t0 = time.perf_counter()
         aggregator.aggregate(1, uploads)
