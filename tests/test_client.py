@@ -146,7 +146,7 @@ def test_sd_pipeline_load_lora_weights_and_textual_inversion(tmp_path):
         for k, p in model.unet.named_parameters():
             if "lora_B" in k:
                 p.normal_(0, 0.1)
-    path = save_adapter(tmp_path / "lora.safetensors", get_adapter(model), model.lora_spec, "clip_text_model")
+    path = save_adapter(tmp_path / "lora.safetensors", get_adapter(model), model.lora_spec)
     token.save(tmp_path / "learned_embeds.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(root, safety_checker=None, requires_safety_checker=False).to(model.device)
     pipe.load_lora_weights(str(path))

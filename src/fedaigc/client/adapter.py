@@ -45,13 +45,17 @@ class LoraSpec:
 
 
 def attach_lora(model: DiffusionModel, spec: LoraSpec) -> DiffusionModel:
-    """Add a fresh LoRA (B = 0, so the model is unchanged) to the UNet and, if asked, the text encoder."""
+    """Add a fresh LoRA (B = 0, so the model is unchanged) to the UNet and, if asked, the text
+    encoder. The LoRA weights are float32 whatever the frozen weights' dtype (peft casts each
+    layer's input to them and the output back), as diffusers' `cast_training_params` does."""
     model.unet.add_adapter(spec.unet_config())
     if spec.text_encoder:
         # peft itself, not transformers' `add_adapter`: that wrapper refuses any peft older than the
         # one its release was tested with (transformers 5.24 asks for peft >= 0.22, not yet released)
         inject_adapter_in_model(spec.text_config(model.text_encoder.config.model_type), model.text_encoder)
     model.lora_spec = spec
+    for p in lora_parameters(model):
+        p.data = p.data.float()
     return model
 
 
@@ -164,8 +168,11 @@ def _base_weight(model: DiffusionModel, layer: str, source: str) -> torch.nn.Par
     return module.get_base_layer().weight
 
 
-def save_adapter(path: Path, tensors: Adapter, spec: LoraSpec, text_model_type: str = "bert") -> Path:
-    """Write a diffusers-format LoRA file (with peft's adapter metadata, so rank and alpha load back)."""
+def save_adapter(path: Path, tensors: Adapter, spec: LoraSpec) -> Path:
+    """Write a diffusers-format LoRA file with peft's adapter metadata (rank, alpha and the target
+    modules), so `pipeline.load_lora_weights` and fedaigc load it back. The targets are read off
+    the tensors' own keys: the server that writes a run's files holds no model, and a CLIP text
+    encoder's `q_proj` must not be announced as BERT's `query`."""
     path = Path(path)
     unet = {k.removeprefix("unet."): v.contiguous() for k, v in tensors.items() if k.startswith("unet.")}
     text = {k.removeprefix("text_encoder."): v.contiguous() for k, v in tensors.items() if k.startswith("text_encoder.")}
@@ -174,13 +181,25 @@ def save_adapter(path: Path, tensors: Adapter, spec: LoraSpec, text_model_type: 
         unet_lora_layers=unet,
         text_encoder_lora_layers=text or None,
         weight_name=path.name,
-        unet_lora_adapter_metadata=_metadata(spec.unet_config()),
-        text_encoder_lora_adapter_metadata=_metadata(spec.text_config(text_model_type)) if text else None,
+        unet_lora_adapter_metadata=_metadata(spec, unet),
+        text_encoder_lora_adapter_metadata=_metadata(spec, text) if text else None,
     )
     return path
 
 
-def _metadata(config: LoraConfig) -> dict:
+def lora_targets(tensors: Adapter) -> list[str]:
+    """The module names a LoRA state dict adapts (`...attn1.to_q.lora_A.weight` -> `to_q`), as
+    peft's `target_modules` matches them: the known attention and conv names the key ends with."""
+    known = UNET_ATTENTION + UNET_CONVS + [name for names in TEXT_ATTENTION.values() for name in names]
+    targets = set()
+    for key in tensors:
+        module = key.rsplit(".lora_", 1)[0]
+        targets |= {name for name in known if module == name or module.endswith("." + name)}
+    return sorted(targets)
+
+
+def _metadata(spec: LoraSpec, tensors: Adapter) -> dict:
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=lora_targets(tensors), init_lora_weights="gaussian")
     d = config.to_dict()
     d["target_modules"] = sorted(d["target_modules"])
     return json.loads(json.dumps(d, default=str))

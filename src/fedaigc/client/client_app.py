@@ -53,7 +53,7 @@ def build_client(cfg: config.Config, cid: int, num_clients: int, data_dir=None, 
     key = (config.to_toml(cfg), str(model_dir or ""))
     if key not in _SHARED:
         _SHARED.clear()  # another run: its model replaces the last one's
-        _SHARED[key] = (load_model(model_dir or None), {})
+        _SHARED[key] = (load_model(model_dir or None, dtype=cfg.model.dtype, resolution=cfg.model.resolution), {})
     model, clients = _SHARED[key]
     build_key = (cid, num_clients, str(data_dir or ""), own_folder)
     if build_key not in clients:
@@ -77,7 +77,7 @@ def _new_client(model: DiffusionModel, cfg: config.Config, cid: int, num_clients
     from fedaigc.data.dataset import ClientShare, ImageFolder, ensure_dataset, partition, split
 
     fed = cfg.federation
-    folder = ImageFolder(ensure_dataset(data_dir or None, cfg), size=cfg.data.size)
+    folder = ImageFolder(ensure_dataset(data_dir or None, cfg), size=model.image_size)  # the model's resolution
     train, _ = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     if own_folder:
         share = ClientShare(cid, max(folder.domains, key=lambda d: sum(s.domain == d for s in train)), train)

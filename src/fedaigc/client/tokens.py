@@ -56,20 +56,23 @@ class PrivateToken:
         return self.model.text_encoder.get_input_embeddings()
 
     def get_slot(self) -> torch.Tensor:
-        """The slot's embedding: a CPU copy (what the client uploads and saves)."""
-        return self.embeddings.weight[self.id].detach().to("cpu", copy=True)
+        """The slot's embedding: a float32 CPU copy (what the client uploads and saves)."""
+        return self._slot.clone()
 
     def set_slot(self, vector: torch.Tensor) -> None:
+        """The slot is kept in float32 and copied into the embedding matrix in the text encoder's
+        dtype: a float16 model must not round the slot it trains and aggregates every round."""
+        self._slot = vector.detach().to("cpu", torch.float32, copy=True)
         with torch.no_grad():
             weight = self.embeddings.weight
-            weight[self.id] = vector.to(weight.device, weight.dtype)
+            weight[self.id] = self._slot.to(weight.device, weight.dtype)
 
     @contextmanager
     def learnable(self) -> Iterator[torch.nn.Parameter]:
         """The slot as its own small trainable parameter while training runs. A forward hook puts
         it into the embedding layer's output, so the 30k-row embedding matrix gets no gradient and
         no optimizer state (training that matrix with a row mask cost ~20 % of every step)."""
-        slot = torch.nn.Parameter(self.embeddings.weight[self.id].detach().float().clone())
+        slot = torch.nn.Parameter(self._slot.to(self.embeddings.weight.device, copy=True))
 
         def substitute(_module, inputs, output):
             return torch.where((inputs[0] == self.id).unsqueeze(-1), slot.to(output.dtype), output)

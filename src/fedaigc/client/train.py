@@ -19,11 +19,8 @@ from fedaigc.client.privacy import EmbeddingGuard
 from fedaigc.client.tokens import PrivateToken, private_token_name, rewrite
 from fedaigc.config import ClientConfig
 from fedaigc.data.render import STYLE_WORDS
-from fedaigc.errors import UserError
 from fedaigc.model.base import DiffusionModel
-from fedaigc.model.pretrain import diffusion_loss
-
-PROMPT_MODES = ("private", "plain")
+from fedaigc.model.pretrain import denoising_loss, draw_noise
 
 
 @dataclass
@@ -36,14 +33,6 @@ class Upload:
     embedding: torch.Tensor  # the encoded task: pooled text-encoder output of the rewritten prompts
     train_loss: float
     profile: Adapter | None = None  # UNet LoRA after a profiling pass, when the server asks for one (docs/method.md)
-
-
-def check_client_config(cfg: ClientConfig) -> None:
-    """Refuse client settings no client could train with (the server checks them too, before Ray starts)."""
-    if cfg.prompt_mode not in PROMPT_MODES:
-        raise UserError(f"unknown client.prompt_mode {cfg.prompt_mode!r}; choose {' or '.join(PROMPT_MODES)}")
-    if cfg.timestep_bias <= 0:
-        raise UserError(f"client.timestep_bias must be > 0 (1 = uniform timesteps), got {cfg.timestep_bias}")
 
 
 def style_prompt(style_word: str, cls: str) -> str:
@@ -74,7 +63,6 @@ class LocalClient:
         process share (the first one attaches the LoRA; each adds its own token, and `load` puts
         its LoRA and slot in before each use). `images` in [0, 1] with their (domain, class)
         labels. Prompts name the class and the style word of the image's domain."""
-        check_client_config(cfg)
         self.model, self.cfg = model, cfg
         self.spec = LoraSpec(cfg.rank, cfg.alpha, cfg.text_encoder_lora, cfg.convs)
         if "initial_lora" not in vars(model):  # the first client on this model
@@ -91,6 +79,9 @@ class LocalClient:
         self.initial = (model.initial_lora, self.token.get_slot() if self.token is not None else None)
         self.guard = EmbeddingGuard.from_config(cfg, model.text_encoder.config.hidden_size)
         self.start = self.initial[1]  # the slot this round started from: the noise protects its change
+        self._latents: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
 
     def prompt_for(self, domain: str, cls: str) -> str:
         """The prompt this client writes for an image, after the private rewrite if on."""
@@ -120,25 +111,36 @@ class LocalClient:
             for p in lora:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(lora_and_slot, lr=cfg.lr, weight_decay=0.0)
-            with torch.no_grad():  # a batch at a time: a VAE over all the images at once set the peak memory
-                latents = torch.cat([model.to_latent(chunk) for chunk in self.images.split(cfg.batch_size)])
+            latents, flipped = self.latents()
             losses = []
             for _ in range(steps):
                 idx = torch.randint(0, len(latents), (min(cfg.batch_size, len(latents)),), generator=generator)
-                x = latents[idx]
-                flip = (torch.rand(len(idx), generator=generator) < 0.5).to(x.device)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx]]
-                loss = diffusion_loss(model, x, context, generator, bias)
+                flip = (torch.rand(len(idx), generator=generator) < 0.5).to(latents.device)
+                x = torch.where(flip[:, None, None, None], flipped[idx], latents[idx])
+                noise, t = draw_noise(model, x, generator, bias)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for part in torch.arange(len(idx)).split(cfg.micro_batch or len(idx)):  # gradient accumulation
+                    context = model.encode_prompts(self.unique_prompts)[self.prompt_index[idx[part]]]
+                    part_loss = denoising_loss(model, x[part], noise[part], t[part], context) * (len(part) / len(idx))
+                    part_loss.backward()
+                    loss += part_loss.item()
                 optimizer.step()
-                losses.append(loss.item())
+                losses.append(loss)
         for p in lora:
             p.requires_grad_(False)
             p.grad = None
         tail = losses[-max(1, len(losses) // 4) :]
         return float(np.mean(tail)) if tail else float("nan")
+
+    def latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The client's images and their mirror images as latents, encoded once (a batch at a time:
+        a VAE over all the images at once set the peak memory) and kept: the flip is applied to
+        the pixels, never to a VAE latent, which has no mirror symmetry."""
+        if self._latents is None:
+            chunks = self.images.split(self.cfg.micro_batch or self.cfg.batch_size)
+            self._latents = tuple(torch.cat([self.model.to_latent(c.flip(-1) if f else c) for c in chunks]) for f in (0, 1))
+        return self._latents
 
     @torch.no_grad()
     def task_embedding(self) -> torch.Tensor:

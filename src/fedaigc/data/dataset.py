@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from fedaigc.data.render import CLASSES, DOMAINS, STYLE_WORDS, render
@@ -50,12 +50,13 @@ def write_dataset(out: Path, per_class: int, size: int = 32, seed: int = 0, doma
 
 
 def read_image(path: Path, size: int) -> torch.Tensor:
-    """An image file as a float tensor (3, size, size) in [0, 1]; a clear error if it is corrupt."""
+    """An image file as a float tensor (3, size, size) in [0, 1]: resized on its short side and
+    centre-cropped, as diffusers' training scripts do (never squashed); a clear error if it is corrupt."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
+                im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"corrupt image {path}: {e}") from None

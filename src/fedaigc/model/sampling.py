@@ -34,7 +34,9 @@ def denoise(
     `guidance` is one scale or one per sample (B,) (the inference server batches users)."""
     scheduler = model.sampling_scheduler()
     scheduler.set_timesteps(num_steps, device=latents.device)
-    cond, uncond = cond.to(latents.device), uncond.to(latents.device) if uncond is not None else None
+    dtype = model.unet.dtype  # the UNet runs in the model's dtype; latents and the scheduler stay float32
+    latents = latents.float()
+    cond, uncond = cond.to(latents.device, dtype), uncond.to(latents.device, dtype) if uncond is not None else None
     steps = scheduler.timesteps[start:stop]
     if isinstance(guidance, torch.Tensor):
         guidance = guidance.to(latents.device, latents.dtype).view(-1, *[1] * (latents.dim() - 1))
@@ -44,7 +46,7 @@ def denoise(
     context = torch.cat([uncond.expand_as(cond), cond]) if use_cfg else cond
     for t in tqdm(steps, desc="denoising", leave=False, disable=not progress):
         inp = torch.cat([latents, latents]) if use_cfg else latents
-        out = model.unet(inp, t, encoder_hidden_states=context).sample
+        out = model.unet(inp.to(dtype), t, encoder_hidden_states=context).sample.float()
         if use_cfg:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance * (out_c - out_u)

@@ -19,7 +19,7 @@ import torch
 from fedaigc import config
 from fedaigc.client.client_app import derived_seed
 from fedaigc.client.train import LocalClient
-from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, split
+from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, read_images, split
 from fedaigc.model.base import load_model
 from fedaigc.server.rundir import RunDir, write_json
 from fedaigc.server.strategies import Aggregator
@@ -39,10 +39,11 @@ def run_central(cfg: config.Config, run: RunDir, data: Path | None, model: Path 
     trainers = {}
     for domain, members in groups.items():
         pool = [s for c in members for s in shares[c].samples]
+        base = load_model(model, dtype=cfg.model.dtype, resolution=cfg.model.resolution)
         torch.manual_seed(fed.seed)  # the same LoRA initialisation as every federated client
         trainers[domain] = LocalClient(
-            load_model(model),
-            folder.stack(pool),
+            base,
+            read_images([s.path for s in pool], base.image_size),
             [s.domain for s in pool],
             [s.cls for s in pool],
             cfg.client,

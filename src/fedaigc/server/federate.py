@@ -22,9 +22,10 @@ from fedaigc.eval.scoring import SCORES, score
 from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
 from fedaigc.model.base import pick_device
+from fedaigc.model.recipe import is_external
 from fedaigc.server.central import run_central
 from fedaigc.server.rundir import RunDir, write_json
-from fedaigc.server.server_app import check_config, make_server_app
+from fedaigc.server.server_app import make_server_app
 from fedaigc.server.strategies import Aggregator
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
     if resume:
         cfg, saved_data, saved_model = saved_run(run.root)
         data, model = data or saved_data, model or saved_model
-    check_config(cfg)
+    config.validate(cfg)
     config.save(cfg, run.root / "config.toml")
     paths = {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""}
     write_json(run.root / "sources.json", paths)
@@ -59,20 +60,32 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
         from flwr.simulation import run_simulation
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        actors = min(os.cpu_count() or 1, cfg.federation.num_clients)  # one CPU each
-        gpus = 0.0 if pick_device().type == "cpu" else 1.0 / actors  # all client actors share the GPU(s)
+        actors, gpus = client_actors(cfg, model)
+        log.info("simulation: %d client actor(s) at once, %.2f GPU each", actors, gpus)
         run_simulation(
             server_app=make_server_app(run_config),
             client_app=make_client_app(run_config),
             num_supernodes=cfg.federation.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                "client_resources": {"num_cpus": max(1, (os.cpu_count() or 1) // actors), "num_gpus": gpus},
                 "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
             },
         )
     if run.last_round() < cfg.federation.rounds:
         raise RunFailed(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
     return run, cfg, data, model
+
+
+def client_actors(cfg: config.Config, model: Path | None) -> tuple[int, float]:
+    """How many client actors Ray runs at once and the GPU share of each. Each actor loads one copy
+    of the base model (shared by the clients it serves), so on a GPU an external model (a Stable
+    Diffusion folder) gets one actor per GPU by default, the embedded model one per CPU core;
+    `federation.actors` sets the number."""
+    cpus = os.cpu_count() or 1
+    gpu_count = torch.cuda.device_count() if pick_device().type == "cuda" else 0
+    default = gpu_count if gpu_count and is_external(model) else cpus
+    actors = min(cfg.federation.actors or default, cfg.federation.num_clients)
+    return actors, (gpu_count / actors if gpu_count else 0.0)
 
 
 SAMPLE_SEED = 10_000
