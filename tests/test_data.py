@@ -97,3 +97,40 @@ def test_partition_dominant_domain_purity_and_class_skew(tmp_path):
     assert all(x.domain == s.domain for s in pure for x in s.samples)
     with pytest.raises(UserError):
         partition(samples, 4, 10, purity=0)
+
+
+def test_default_styles_render_the_pixels_they_always_did():
+    """The held-out styles are additions: the default set's pixels are pinned (rendered before they existed)."""
+    h = hashlib.sha256()
+    for d in DOMAINS:
+        for c in CLASSES:
+            for s in range(3):
+                h.update(np.asarray(render(d, c, s)).tobytes())
+    assert h.hexdigest() == "50e2b3e96c2de6e97955d0b2efac48fa319d950cf2f3476caa1071869659ab45"
+
+
+def test_heldout_styles_write_the_layout_and_differ_from_the_default(tmp_path, capsys):
+    from fedaigc.cli import main
+    from fedaigc.config import preset
+    from fedaigc.data.dataset import ensure_dataset
+    from fedaigc.data.render import HELDOUT_CLASSES, HELDOUT_DOMAINS
+
+    out = tmp_path / "heldout"
+    assert main(["data", "--preset", "tiny", "--styles", "heldout", "--per-class", "2", "--out", str(out)]) == 0
+    folder = ImageFolder(out)
+    assert sorted(folder.domains) == sorted(HELDOUT_DOMAINS) and sorted(folder.classes) == sorted(HELDOUT_CLASSES)
+    assert len(folder) == len(HELDOUT_DOMAINS) * len(HELDOUT_CLASSES) * 2
+    assert not set(HELDOUT_DOMAINS) & set(DOMAINS) and not set(HELDOUT_CLASSES) & set(CLASSES)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["domains"] == list(HELDOUT_DOMAINS) and manifest["style_words"]["pixel"] == "pixel art"
+    again = write_dataset(tmp_path / "again", 2, seed=0, domains=HELDOUT_DOMAINS, classes=HELDOUT_CLASSES)
+    assert _digest(again) == _digest(out)
+    # the generated set's cache folder is keyed by the style set too
+    cfg = preset("tiny")
+    default = ensure_dataset(None, cfg)
+    cfg.data.styles = "heldout"
+    assert ensure_dataset(None, cfg) != default
+    assert sorted(ImageFolder(ensure_dataset(None, cfg)).domains) == sorted(HELDOUT_DOMAINS)
+    assert sorted(ImageFolder(default).domains) == sorted(DOMAINS)
+    assert main(["data", "--preset", "tiny", "--styles", "impressionist", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown data.styles 'impressionist'; choose one of: default, heldout" in capsys.readouterr().err

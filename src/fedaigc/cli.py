@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="image side in pixels (default: the preset's, 32)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--per-class", type=int, metavar="N", help="images per (domain, class) (default: the preset's)")
+    p.add_argument(
+        "--styles",
+        metavar="SET",
+        help="default: photo, art_painting, cartoon, sketch of star, house, tree, fish, moon, heart; heldout: watercolor, "
+        "mosaic, neon, pixel of arrow, bolt, bell, flower, butterfly, key, never used to choose a constant (data.styles)",
+    )
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser(
@@ -262,17 +268,17 @@ def _config(args, **overrides):
 
 
 def cmd_data(args) -> None:
-    from fedaigc.data.dataset import ImageFolder, write_dataset
-    from fedaigc.data.render import CLASSES, DOMAINS
+    from fedaigc.data.dataset import ImageFolder, style_set, write_dataset
     from fedaigc.eval.report import save_grid
 
-    cfg = _config(args, data={"size": args.size, "seed": args.seed, "per_class": args.per_class})
+    cfg = _config(args, data={"size": args.size, "seed": args.seed, "per_class": args.per_class, "styles": args.styles})
     d = cfg.data
-    write_dataset(args.out, d.per_class, d.size, d.seed)
+    domains, classes = style_set(d.styles)
+    write_dataset(args.out, d.per_class, d.size, d.seed, domains, classes)
     folder = ImageFolder(args.out, size=d.size)
-    rows = [folder.stack([s for s in folder.samples if s.domain == dom][:: d.per_class][: len(CLASSES)]) for dom in DOMAINS]
-    grid = save_grid(rows, args.out.parent / f"{args.out.name}_preview.png", labels=list(DOMAINS))
-    print(f"wrote {len(folder)} images ({len(DOMAINS)} domains x {len(CLASSES)} classes x {d.per_class}) to {args.out}")
+    rows = [folder.stack([s for s in folder.samples if s.domain == dom][:: d.per_class][: len(classes)]) for dom in domains]
+    grid = save_grid(rows, args.out.parent / f"{args.out.name}_preview.png", labels=list(domains))
+    print(f"wrote {len(folder)} images ({len(domains)} domains x {len(classes)} classes x {d.per_class}) to {args.out}")
     print(f"preview grid (one row per domain): {grid}")
 
 

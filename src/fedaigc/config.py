@@ -25,6 +25,7 @@ class DataConfig:
     size: int = 32
     seed: int = 0
     held_out: float = 0.2
+    styles: str = "default"  # the generated set's styles and classes: default | heldout (data/render.py STYLE_SETS)
 
 
 @dataclass

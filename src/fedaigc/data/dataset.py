@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from fedaigc.data.render import CLASSES, DOMAINS, STYLE_WORDS, render
+from fedaigc.data.render import CLASSES, DOMAINS, STYLE_SETS, STYLE_WORDS, render
 from fedaigc.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -25,6 +25,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 def image_seed(seed: int, domain: str, cls: str, index: int) -> int:
     """A stable per-image seed (crc32, not Python's salted hash)."""
     return zlib.crc32(f"{seed}/{domain}/{cls}/{index}".encode())
+
+
+def style_set(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (domains, classes) of the generated set that `data.styles` names."""
+    if name not in STYLE_SETS:
+        raise UserError(f"unknown data.styles {name!r}; choose one of: {', '.join(STYLE_SETS)}")
+    return STYLE_SETS[name]
 
 
 def write_dataset(out: Path, per_class: int, size: int = 32, seed: int = 0, domains=DOMAINS, classes=CLASSES) -> Path:
@@ -184,8 +191,8 @@ def partition(
 
 
 def ensure_dataset(data: Path | None, cfg) -> Path:
-    """The folder to read: `data` if given (it must exist), else the preset's generated set,
-    rendered into the cache on first use."""
+    """The folder to read: `data` if given (it must exist), else the generated set of the config's
+    `data.styles`, rendered into the cache on first use."""
     if data is not None:
         if not Path(data).is_dir():
             raise UserError(f"data folder not found: {data}")
@@ -193,7 +200,8 @@ def ensure_dataset(data: Path | None, cfg) -> Path:
     from fedaigc.paths import keyed
 
     d = cfg.data
-    root = keyed("data", "v1", d.per_class, d.size, d.seed)
+    domains, classes = style_set(d.styles)
+    root = keyed("data", "v1", d.styles, d.per_class, d.size, d.seed)
     if not (root / "manifest.json").is_file():
-        write_dataset(root, d.per_class, d.size, d.seed)
+        write_dataset(root, d.per_class, d.size, d.seed, domains, classes)
     return root
