@@ -21,6 +21,7 @@ from safetensors.torch import save as save_tensors
 from fedaigc.cli import main
 from fedaigc.client.adapter import LoraSpec, attach_lora, expected_shapes, save_adapter, set_adapter
 from fedaigc.client.tokens import PrivateToken
+from fedaigc.inference.auth import write_new_tokens
 from fedaigc.inference.device import InferenceServer, generate, personal_model
 from fedaigc.inference.mixing import ClusterMixer
 from fedaigc.inference.sampler import SplitState, finish, first_steps
@@ -123,8 +124,7 @@ def _free_port() -> int:
 def service(tiny_model_dir, cluster_run, tmp_path_factory):
     """`fedaigc serve` as a user starts it, on a random port, with a small body limit."""
     tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
-    assert main(["serve", "--tokens", str(tokens), "--new-tokens", "2"]) == 0
-    token = tokens.read_text().split()[1]
+    token = write_new_tokens(tokens, 2)["client-0"]
     port = _free_port()
     cmd = [sys.executable, "-m", "fedaigc", "serve", "--model", str(tiny_model_dir), "--adapters", str(cluster_run)]
     cmd += ["--tokens", str(tokens), "--port", str(port), "--max-body-kb", "64", "--window-ms", "50"]
@@ -193,7 +193,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service, tiny_model_
     reply = load_tensors(r.content)
     assert reply["latents"].shape == (1, *model.latent_shape) and int(reply["step"]) == 2
     assert torch.allclose(reply["weights"], torch.tensor([0.0, 0.0, 1.0]))  # no task embedding: the global stack
-    metrics = httpx.get(f"{url}/metrics", timeout=5).json()
+    metrics = httpx.get(f"{url}/metrics", headers=auth, timeout=5).json()
     assert metrics["responses_by_status"]["422"] >= 8 and metrics["requests"] >= 1
 
 
@@ -218,7 +218,7 @@ def test_concurrent_requests_are_batched_and_match_single_runs(tiny_model_dir, c
 
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(ask, range(8)))
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").json()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {token}"}).json()
         assert metrics["requests"] == 8 and metrics["batches"] < 8 and metrics["mean_batch_images"] > 1
         for i in (0, 3, 6):
             assert (ask(i) - together[i]).abs().max() < 1e-5  # alone = inside a batch
@@ -246,8 +246,5 @@ def test_serve_refuses_a_missing_tokens_file(tmp_path, capsys):
 def test_new_tokens_can_be_passed_as_an_option_value(tmp_path):
     """A token that starts with "-" reads as an option to argparse (`--token -x...`: "expected one
     argument"); one URL-safe token in 64 did, and failed a hybrid run now and then."""
-    from fedaigc.inference.service import write_new_tokens
-
-    path = write_new_tokens(tmp_path / "tokens.txt", 500)
-    tokens = [line.split()[1] for line in path.read_text().splitlines()]
+    tokens = list(write_new_tokens(tmp_path / "tokens.txt", 500).values())
     assert len(set(tokens)) == 500 and all(len(t) >= 32 and not t.startswith("-") for t in tokens)

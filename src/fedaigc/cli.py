@@ -123,22 +123,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="run the inference edge server (first denoising steps for every user)",
-        description="Serve POST /v1/denoise (encoded prompt states in, intermediate latent out), GET /healthz and "
-        "GET /metrics with FastAPI + uvicorn. Loads the base model and the cluster adapters + global LoRA of a run; "
-        "batches concurrent requests; every request needs a bearer token from --tokens.",
+        description="Serve POST /v1/denoise (encoded prompt states in, intermediate latent out), GET /v1/limits, "
+        "GET /metrics and GET /healthz with FastAPI + uvicorn. Loads the base model and the cluster adapters + global LoRA "
+        "of a run; batches concurrent requests; every request but /healthz needs a bearer token whose hash is in --tokens.",
     )
     p.add_argument("--model", type=Path, metavar="DIR", help="model directory in diffusers layout (default: the embedded model)")
     p.add_argument(
         "--adapters", type=Path, metavar="DIR", help="a run's adapters folder (RUN/adapters); without it the base model serves"
     )
-    p.add_argument("--tokens", type=Path, required=True, metavar="FILE", help="lines of '<client name> <bearer token>'")
-    p.add_argument("--new-tokens", type=int, metavar="N", help="write N fresh tokens to --tokens and exit")
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="lines of '<client name> sha256:<token hash> [clusters=0,2]' (mode 0600; write one with --new-tokens)",
+    )
+    p.add_argument("--new-tokens", type=int, metavar="N", help="create --tokens with N fresh tokens, print them once and exit")
+    p.add_argument("--clusters", metavar="K0,K1,..", help="with --new-tokens: the clusters the new tokens may use (default: all)")
+    p.add_argument(
+        "--device",
+        metavar="NAME",
+        help="where the model runs: auto, cpu, cuda or cuda:N (default: $FEDAIGC_DEVICE, else auto: the GPU if torch sees one)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port, 1-65535 (default: 8000)")
     p.add_argument("--window-ms", type=float, default=10.0, help="batching window after the first waiting request (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images in one UNet batch (default: 64)")
-    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
+    p.add_argument("--max-body-kb", type=int, default=8192, help="largest request body in KiB (default: 8192)")
     p.add_argument("--max-split", type=float, default=0.5, help="largest server share s a request may ask for (default: 0.5)")
+    p.add_argument(
+        "--max-server-steps", type=int, default=50, help="most denoising steps the server runs for one request (default: 50)"
+    )
+    p.add_argument(
+        "--max-queued-images", type=int, default=256, help="images accepted and not yet answered; beyond: 429 (default: 256)"
+    )
+    p.add_argument("--rate", type=float, default=20.0, help="requests per second per token, bursts of twice that (default: 20)")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds to receive a request's head and body (default: 10)")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (default: off)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -317,7 +338,7 @@ def cmd_generate(args) -> None:
         if not 0 <= cfg.sample.split <= 1:
             raise UserError(f"--split must be in [0, 1], got {cfg.sample.split}")
         server = InferenceServer(args.server, token)
-    weights = _floats(args.weights, "--weights") if args.weights else None
+    weights = _numbers(args.weights, "--weights") if args.weights else None
     device = personal_model(args.model, args.adapter, args.style_token)
     prompts = [args.prompt] * args.n
     result = generate(
@@ -344,35 +365,70 @@ def cmd_generate(args) -> None:
         )
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _numbers(text: str, flag: str, kind: type = float) -> list:
     try:
-        return [float(x) for x in text.split(",")]
+        return [kind(x) for x in text.split(",")]
     except ValueError:
-        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+        raise UserError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from fedaigc.inference.auth import TokenStore, read_tokens, write_new_tokens
     from fedaigc.inference.mixing import ClusterMixer
-    from fedaigc.inference.service import Limits, create_app, read_tokens, write_new_tokens
+    from fedaigc.inference.service import create_app, uvicorn_config
     from fedaigc.model.base import load_model
 
-    if args.new_tokens:
-        path = write_new_tokens(args.tokens, args.new_tokens)
-        print(f"wrote {args.new_tokens} tokens to {path}; give each client its line's token")
+    if args.new_tokens is not None:
+        scope = frozenset(_numbers(args.clusters, "--clusters", int)) if args.clusters else None
+        tokens = write_new_tokens(args.tokens, args.new_tokens, scope)
+        print(f"wrote the hashes of {len(tokens)} tokens to {args.tokens}; give each client its token (shown only now):")
+        for name, token in tokens.items():
+            print(f"{name} {token}")
         return
-    tokens = read_tokens(args.tokens)
+    if args.clusters:
+        raise UserError("--clusters sets the scope of --new-tokens; edit a tokens file's lines to change existing ones")
+    limits = _serve_limits(args)
+    clients = read_tokens(args.tokens)
     model = load_model(args.model)
     mixer = ClusterMixer(model, args.adapters) if args.adapters else None
-    limits = Limits(
-        max_body_bytes=args.max_body_kb * 1024, max_batch=args.max_batch, window_s=args.window_ms / 1000, max_split=args.max_split
-    )
-    app = create_app(model, mixer, tokens, limits)
+    app = create_app(model, mixer, TokenStore(clients), limits, docs=args.docs)
     adapters = ", ".join(mixer.names) if mixer else "none (base model)"
-    log.info("serving %d client token(s) on %s; adapters: %s", len(tokens), model.device, adapters)
-    print(f"inference edge server on http://{args.host}:{args.port} (POST /v1/denoise, GET /healthz, GET /metrics)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, ws="none", log_level="warning" if args.quiet else "info")
+    log.info("serving %d client token(s) on %s; adapters: %s", len(clients), model.device, adapters)
+    print(f"inference edge server on http://{args.host}:{args.port} (POST /v1/denoise, GET /v1/limits)", flush=True)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, "warning" if args.quiet else "info")).run()
+
+
+def _serve_limits(args):
+    from fedaigc.inference.service import Limits
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be in 1-65535, got {args.port}")
+    checks = {
+        "--window-ms": (args.window_ms, 0 <= args.window_ms <= 10_000),
+        "--max-batch": (args.max_batch, args.max_batch >= 1),
+        "--max-body-kb": (args.max_body_kb, args.max_body_kb >= 1),
+        "--max-split": (args.max_split, 0 <= args.max_split < 1),
+        "--max-server-steps": (args.max_server_steps, args.max_server_steps >= 0),
+        "--max-queued-images": (args.max_queued_images, args.max_queued_images >= 1),
+        "--rate": (args.rate, args.rate > 0),
+        "--read-timeout": (args.read_timeout, args.read_timeout > 0),
+    }
+    for flag, (value, ok) in checks.items():
+        if not ok:  # NaN fails every comparison
+            raise UserError(f"{flag}: {value} is out of range")
+    return Limits(
+        max_body_bytes=args.max_body_kb * 1024,
+        max_batch=args.max_batch,
+        window_s=args.window_ms / 1000,
+        max_split=args.max_split,
+        max_server_steps=args.max_server_steps,
+        max_queued_images=max(args.max_queued_images, args.max_batch),
+        rate_per_token=args.rate,
+        burst_per_token=max(1, round(2 * args.rate)),
+        read_timeout_s=args.read_timeout,
+    )
 
 
 def cmd_evaluate(args) -> None:

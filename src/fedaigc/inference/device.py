@@ -58,12 +58,41 @@ def personal_model(model_dir: Path | None, adapter: Path | None = None, style_to
 
 
 class InferenceServer:
-    """HTTP client of `fedaigc serve`; counts the bytes it moves."""
+    """HTTP client of `fedaigc serve`; fits its requests to the limits the service advertises
+    (GET /v1/limits), waits out a 429's Retry-After, and counts the bytes it moves. Prompt states
+    travel as `prompt_dtype` (float16 halves the bytes; the server computes in its own dtype)."""
 
-    def __init__(self, url: str, token: str, timeout: float = 120.0, max_images: int = 16):
+    RETRIES = 5  # answers 429 in a row before giving up
+    HEADER_BYTES = 4096  # safetensors header and tensors besides the prompt states, generously
+
+    def __init__(self, url: str, token: str, timeout: float = 120.0, prompt_dtype: torch.dtype = torch.float32):
         self.http = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-        self.max_images = max_images  # per request: the service's default limit
+        self.prompt_dtype = prompt_dtype
         self.bytes_sent = self.bytes_received = 0
+        self._limits: dict | None = None
+
+    @property
+    def limits(self) -> dict:
+        if self._limits is None:
+            try:
+                limits = self._call("GET", "/v1/limits").json()
+                int(limits["max_body_bytes"]), int(limits["max_images"])
+            except (ValueError, KeyError, TypeError):
+                raise RunFailed(f"{self.http.base_url} advertises no limits (GET /v1/limits): not fedaigc serve?") from None
+            self._limits = limits
+        return self._limits
+
+    def images_per_request(self, cond: torch.Tensor, uncond: torch.Tensor) -> int:
+        """The most rows of `cond` one request may carry: the service's image limit, and its body limit."""
+        per_image = cond[0].numel() * self.prompt_dtype.itemsize * (2 if len(uncond) > 1 else 1)
+        fixed = self.HEADER_BYTES + (uncond[0].numel() * self.prompt_dtype.itemsize if len(uncond) == 1 else 0)
+        fit = (self.limits["max_body_bytes"] - fixed) // per_image
+        if fit < 1:
+            raise RunFailed(
+                f"inference server {self.http.base_url} takes bodies of {self.limits['max_body_bytes']} bytes: "
+                f"not even one image's prompt states ({per_image} bytes)"
+            )
+        return min(int(self.limits["max_images"]), int(fit))
 
     def first_steps(
         self,
@@ -77,13 +106,14 @@ class InferenceServer:
         task_embedding: torch.Tensor | None = None,
         weights: list[float] | None = None,
     ) -> SplitState:
-        """The server's half for every row of `cond` (image i from seed + i), in requests of at
-        most `max_images` images."""
-        if len(cond) > self.max_images:
+        """The server's half for every row of `cond` (image i from seed + i), in requests that fit
+        the service's limits."""
+        n = self.images_per_request(cond, uncond)
+        if len(cond) > n:
             parts = [
                 self.first_steps(
-                    cond[i : i + self.max_images],
-                    uncond if len(uncond) == 1 else uncond[i : i + self.max_images],
+                    cond[i : i + n],
+                    uncond if len(uncond) == 1 else uncond[i : i + n],
                     seed + i,
                     num_steps,
                     split,
@@ -92,32 +122,44 @@ class InferenceServer:
                     task_embedding,
                     weights,
                 )
-                for i in range(0, len(cond), self.max_images)
+                for i in range(0, len(cond), n)
             ]
             return SplitState(torch.cat([p.latents for p in parts]), parts[0].step, num_steps)
-        tensors = {"cond": cond.float().cpu().contiguous(), "uncond": uncond.float().cpu().contiguous()}
+        tensors = {
+            "cond": cond.to("cpu", self.prompt_dtype).contiguous(),
+            "uncond": uncond.to("cpu", self.prompt_dtype).contiguous(),
+        }
         if task_embedding is not None:
             tensors["task_embedding"] = task_embedding.float().contiguous()
         if weights is not None:
             tensors["weights"] = torch.tensor(weights, dtype=torch.float32)
         body = save_tensors(tensors)
         params = {"seed": seed, "steps": num_steps, "split": split, "guidance": guidance, "guidance_rescale": guidance_rescale}
-        try:
-            reply = self.http.post("/v1/denoise", params=params, content=body)
-        except httpx.HTTPError as e:
-            raise RunFailed(f"inference server {self.http.base_url} unreachable: {e}") from None
-        if reply.status_code != 200:
-            try:
-                detail = reply.json().get("detail", reply.text)
-            except ValueError:
-                detail = reply.text
-            raise RunFailed(f"inference server answered {reply.status_code}: {detail}")
+        reply = self._call("POST", "/v1/denoise", params=params, content=body)
         self.bytes_sent += len(body)
         self.bytes_received += len(reply.content)
         try:
             return SplitState.from_bytes(reply.content)
         except ValueError as e:
             raise RunFailed(f"inference server sent a bad reply: {e}") from None
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in range(self.RETRIES):
+            try:
+                reply = self.http.request(method, path, **kwargs)
+            except httpx.HTTPError as e:
+                raise RunFailed(f"inference server {self.http.base_url} unreachable: {e}") from None
+            if reply.status_code != 429 or attempt == self.RETRIES - 1:
+                break
+            wait = reply.headers.get("retry-after", "1")
+            time.sleep(min(60, int(wait)) if wait.isdigit() else 1)
+        if reply.status_code != 200:
+            try:
+                detail = reply.json().get("detail", reply.text)
+            except (ValueError, AttributeError):
+                detail = reply.text
+            raise RunFailed(f"inference server answered {reply.status_code}: {detail}")
+        return reply
 
 
 @dataclass

@@ -11,13 +11,18 @@ half-half stack of two clusters.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
+from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from fedaigc.client.adapter import read_adapter_file
 from fedaigc.errors import UserError
 from fedaigc.model.base import DiffusionModel
 from fedaigc.server import aggregation as agg
@@ -26,19 +31,89 @@ GLOBAL = "global"
 MIN_WEIGHT = 1e-3  # a cluster below 0.1 % of a request's mixture changes no pixel but costs a whole adapter
 
 
+@dataclass
+class ClusterInfo:
+    tau: float
+    shares: dict[int, float]
+    embeddings: dict[int, torch.Tensor]  # the clusters that have one (all of the same length)
+
+
+def _number(value, where: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise UserError(f"{where} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def read_clusters(path: Path) -> ClusterInfo:
+    """clusters.json as `rundir.cluster_info` writes it, every field checked (no file: no clusters,
+    the global adapter alone)."""
+    if not path.is_file():
+        return ClusterInfo(0.1, {}, {})
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("clusters"), dict):
+        raise UserError(f"{path}: expected an object with a 'clusters' object ({{id: {{share, embedding}}}})")
+    tau = _number(info.get("tau", 0.1), f"{path}: tau", positive=True)
+    shares, embeddings = {}, {}
+    for key, cluster in info["clusters"].items():
+        where = f"{path}: cluster {key!r}"
+        if not key.isdigit() or not isinstance(cluster, dict) or "share" not in cluster:
+            raise UserError(f"{where}: expected an integer id and an object with 'share' (and 'embedding')")
+        k = int(key)
+        shares[k] = _number(cluster["share"], f"{where} share")
+        emb = cluster.get("embedding")
+        if emb is None:
+            continue
+        if not isinstance(emb, list) or not emb or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in emb):
+            raise UserError(f"{where}: embedding must be a list of numbers")
+        embeddings[k] = torch.tensor(emb, dtype=torch.float32)
+        if not torch.isfinite(embeddings[k]).all():
+            raise UserError(f"{where}: embedding contains NaN or Inf")
+    lengths = {len(e) for e in embeddings.values()}
+    if len(lengths) > 1:
+        raise UserError(f"{path}: cluster embeddings of different lengths {sorted(lengths)}")
+    if shares and sum(shares.values()) <= 0:
+        raise UserError(f"{path}: the cluster shares sum to 0")
+    return ClusterInfo(tau, shares, embeddings)
+
+
+def _load_checked(unet, path: Path, name: str) -> None:
+    """Load one adapter file as the named peft adapter, refusing a file whose tensors are corrupt or
+    not finite (`read_adapter_file`) or whose UNet layers are not exactly those the adapter's
+    config targets in this UNet (a missing layer would serve peft's initialisation)."""
+    tensors = read_adapter_file(path)
+    unet_keys = {k.removeprefix("unet.") for k in tensors if k.startswith("unet.")}
+    if not unet_keys:
+        raise UserError(f"{path}: no UNet LoRA tensors (keys unet.*)")
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its missing/unexpected-key warnings become the error below
+    try:
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet", adapter_name=name)
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
+        raise UserError(f"cannot load {path} into the model: {e}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    loaded = {k.replace(f".{name}", "") for k in get_peft_model_state_dict(unet, adapter_name=name)}
+    missing, unexpected = sorted(loaded - unet_keys), sorted(unet_keys - loaded)
+    if missing or unexpected:
+        what = f"lacks tensor unet.{missing[0]}" if missing else f"has tensor unet.{unexpected[0]}, not a layer of this model"
+        raise UserError(f"{path}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
 class ClusterMixer:
     """The service's UNet with every cluster's LoRA (and the global stack) loaded side by side."""
 
     def __init__(self, model: DiffusionModel, adapters_dir: Path):
         adapters_dir = Path(adapters_dir)
-        info_file = adapters_dir / "clusters.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {"clusters": {}}
-        self.clusters = sorted(int(k) for k in info["clusters"])
-        self.tau = float(info.get("tau", 0.1))
-        self.shares = {k: float(info["clusters"][str(k)]["share"]) for k in self.clusters}
-        self.embeddings = {
-            k: torch.tensor(e) for k in self.clusters if (e := info["clusters"][str(k)].get("embedding")) is not None
-        }
+        info = read_clusters(adapters_dir / "clusters.json")
+        self.clusters = sorted(info.shares)
+        self.tau, self.shares, self.embeddings = info.tau, info.shares, info.embeddings
         self.names = [f"cluster_{k}" for k in self.clusters]
         if (adapters_dir / "global.safetensors").is_file():
             self.names.append(GLOBAL)
@@ -49,12 +124,7 @@ class ClusterMixer:
             path = adapters_dir / f"{name}.safetensors"
             if not path.is_file():
                 raise UserError(f"{adapters_dir}: clusters.json names {name} but {path.name} is missing")
-            try:
-                with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    unet.load_lora_adapter(str(adapters_dir), weight_name=path.name, prefix="unet", adapter_name=name)
-            except (ValueError, RuntimeError, OSError, KeyError) as e:
-                raise UserError(f"cannot load {path} into the model: {e}") from None
+            _load_checked(unet, path, name)
         self.unet = unet
         self._active: list[str] = []
         self._weights: torch.Tensor | None = None  # (batch, len(names)) while a batch runs
@@ -89,8 +159,17 @@ class ClusterMixer:
             self._weights = None
 
     # how a request's weights are chosen -------------------------------------------------------
-    def global_weights(self) -> torch.Tensor:
-        """The global stack as the training server built it (DED and SNT coefficients included)."""
+    def _shares(self, ks: list[int]) -> dict[int, float]:
+        """The shares of clusters `ks`, summing to 1 (equal when they are all 0)."""
+        total = sum(self.shares[k] for k in ks)
+        return {k: self.shares[k] / total if total > 0 else 1 / len(ks) for k in ks}
+
+    def global_weights(self, allowed: list[int] | None = None) -> torch.Tensor:
+        """The global stack as the training server built it (DED and SNT coefficients included);
+        for a token limited to the `allowed` clusters, those clusters mixed by their shares."""
+        if allowed is not None:
+            shares = self._shares(allowed)
+            return self.cluster_weights([shares.get(k, 0.0) for k in self.clusters])
         w = torch.zeros(len(self.names))
         if GLOBAL in self.names:
             w[self.names.index(GLOBAL)] = 1.0
@@ -104,15 +183,17 @@ class ClusterMixer:
             raise ValueError(f"weights: expected {len(self.clusters)} values (one per cluster), got {len(per_cluster)}")
         return torch.tensor([*per_cluster, *([0.0] if GLOBAL in self.names else [])], dtype=torch.float32)
 
-    def request_weights(self, task_embedding: torch.Tensor) -> torch.Tensor:
+    def request_weights(self, task_embedding: torch.Tensor, allowed: list[int] | None = None) -> torch.Tensor:
         """DED against the request: clusters whose domain embedding is near the request's task
-        embedding dominate (see `aggregation.request_coefficients`)."""
-        if len(self.embeddings) != len(self.clusters) or not self.clusters:
-            return self.global_weights()
+        embedding dominate (see `aggregation.request_coefficients`); only the `allowed` ones for a
+        token limited to them."""
+        ks = self.clusters if allowed is None else allowed
+        if not ks or any(k not in self.embeddings for k in ks):
+            return self.global_weights(allowed)
         dim = next(iter(self.embeddings.values())).shape[0]
         if task_embedding.shape != (dim,):
             raise ValueError(f"task_embedding: expected shape ({dim},), got {tuple(task_embedding.shape)}")
-        c = agg.request_coefficients(task_embedding, self.embeddings, self.shares, self.tau)
-        w = torch.tensor([c[k] for k in self.clusters])
+        c = agg.request_coefficients(task_embedding, {k: self.embeddings[k] for k in ks}, self._shares(ks), self.tau)
+        w = torch.tensor([c.get(k, 0.0) for k in self.clusters])
         w = torch.where(w < MIN_WEIGHT, 0.0, w)
         return self.cluster_weights((w / w.sum()).tolist())
