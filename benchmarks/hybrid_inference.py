@@ -35,17 +35,17 @@ from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.report import save_grid
 from fedaigc.eval.scoring import score
+from fedaigc.inference.auth import write_new_tokens
 from fedaigc.inference.device import InferenceServer, PersonalModel, generate, personal_model
 
 SPLITS = (0.0, 0.1, 0.2, 0.3, 0.4)
 
 
 def start_service(run: Path, tokens: Path, model: Path | None) -> tuple[subprocess.Popen, str]:
+    """`fedaigc serve` on a free port with the tokens file `tokens` (written by the caller)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    if not tokens.exists():
-        subprocess.run([sys.executable, "-m", "fedaigc", "serve", "--tokens", str(tokens), "--new-tokens", "16"], check=True)
     cmd = [sys.executable, "-m", "fedaigc", "-q", "serve", "--adapters", str(run / "adapters"), "--tokens", str(tokens)]
     cmd += ["--port", str(port), "--max-split", "1"] + (["--model", str(model)] if model else [])
     proc = subprocess.Popen(cmd)
@@ -141,12 +141,13 @@ def measure_throughput(b: Bench, requests: int) -> list[dict]:
                 cond, uncond, emb = bodies[i]
                 servers[w].first_steps(cond, uncond, i, b.cfg.sample.steps, 0.3, b.cfg.sample.guidance, task_embedding=emb)
 
-        before = httpx.get(f"{b.url}/metrics").json()
+        auth = {"Authorization": f"Bearer {b.tokens[0]}"}
+        before = httpx.get(f"{b.url}/metrics", headers=auth).json()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(worker, range(clients)))
         seconds = time.perf_counter() - t0
-        batches = httpx.get(f"{b.url}/metrics").json()["batches"] - before["batches"]
+        batches = httpx.get(f"{b.url}/metrics", headers=auth).json()["batches"] - before["batches"]
         rows.append({"clients": clients, "images_per_s": len(bodies) / seconds, "mean_batch": len(bodies) / max(batches, 1)})
         print(rows[-1], flush=True)
     for r in rows:
@@ -175,6 +176,8 @@ def main() -> None:
     domains = json.loads((args.run / "metrics.json").read_text())["clustering"]["true_domains"]
     args.out.mkdir(parents=True, exist_ok=True)
     tokens = args.out / "tokens.txt"
+    tokens.unlink(missing_ok=True)  # the file keeps only hashes: fresh tokens for every run of the benchmark
+    token_list = list(write_new_tokens(tokens, 16).values())
     proc, url = start_service(args.run, tokens, model_dir)
     devices = {
         int(c): personal_model(
@@ -184,7 +187,6 @@ def main() -> None:
         )
         for c in domains
     }
-    token_list = [line.split()[1] for line in tokens.read_text().splitlines()]
     b = Bench(args.run, cfg, model_dir, folder, test, evaluator, domains, devices, url, token_list)
     result_file = args.out / "hybrid.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}

@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-ms", type=float, default=10.0, help="batching window after the first waiting request (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images in one UNet batch (default: 64)")
     p.add_argument("--max-body-kb", type=int, default=8192, help="largest request body in KiB (default: 8192)")
-    p.add_argument("--max-split", type=float, default=0.5, help="largest server share s a request may ask for (default: 0.5)")
+    p.add_argument(
+        "--max-split",
+        type=float,
+        default=0.5,
+        help="largest server share s a request may ask for; below 1 the server never runs a whole schedule (default: 0.5)",
+    )
     p.add_argument(
         "--max-server-steps", type=int, default=50, help="most denoising steps the server runs for one request (default: 50)"
     )
@@ -409,7 +414,7 @@ def _serve_limits(args):
         "--window-ms": (args.window_ms, 0 <= args.window_ms <= 10_000),
         "--max-batch": (args.max_batch, args.max_batch >= 1),
         "--max-body-kb": (args.max_body_kb, args.max_body_kb >= 1),
-        "--max-split": (args.max_split, 0 <= args.max_split < 1),
+        "--max-split": (args.max_split, 0 <= args.max_split <= 1),
         "--max-server-steps": (args.max_server_steps, args.max_server_steps >= 0),
         "--max-queued-images": (args.max_queued_images, args.max_queued_images >= 1),
         "--rate": (args.rate, args.rate > 0),

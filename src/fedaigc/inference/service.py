@@ -65,7 +65,7 @@ class Limits:
     max_images: int = 16  # per request
     max_prompt_tokens: int = 77
     max_steps: int = 100
-    max_split: float = 0.5  # the server runs at most ceil(max_split * T) steps, and never all T
+    max_split: float = 0.5  # the server runs at most ceil(max_split * T) steps, and never all T below 1
     max_server_steps: int = 50  # nor more than this many, whatever T
     max_guidance: float = 20.0
     max_abs_value: float = 1e4  # of a body tensor's entries (text-encoder states are O(10))
@@ -78,8 +78,10 @@ class Limits:
     read_timeout_s: float = 10.0  # to receive a request's head and body
 
     def server_steps(self, num_steps: int) -> int:
-        """The most steps of a T-step schedule the server runs: always fewer than T."""
-        return max(0, min(split_step(num_steps, self.max_split), num_steps - 1, self.max_server_steps))
+        """The most steps of a T-step schedule the server runs: fewer than T unless max_split is 1
+        (an operator's explicit choice: the server may then finish images itself)."""
+        most = min(split_step(num_steps, self.max_split), self.max_server_steps)
+        return most if self.max_split >= 1 else max(0, min(most, num_steps - 1))
 
 
 # the batching engine ------------------------------------------------------------------------------
