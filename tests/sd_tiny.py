@@ -1,30 +1,49 @@
-"""A tiny, randomly initialised Stable-Diffusion-shaped model (VAE + CLIP text encoder + UNet),
-built offline, to test that SD-family model folders load through fedaigc's code path."""
+"""Tiny, randomly initialised Stable-Diffusion-layout model folders (VAE + CLIP text encoder + UNet +
+scheduler), written by `StableDiffusionPipeline.save_pretrained` as distributed copies are, built
+offline in a second: they test that SD-family folders go through fedaigc's code paths."""
 
 import json
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+# Stable Diffusion 1.5's own scheduler config (PNDM, epsilon), and 2.x's (DDIM, v-prediction)
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False
+)
+SD2_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    prediction_type="v_prediction",
+)
 
-def write_tiny_sd(root):
-    torch.manual_seed(0)
-    root.mkdir(parents=True, exist_ok=True)
+
+def _tokenizer(folder):
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in letters:
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
-    tok_dir = root / "tokenizer"
-    tok_dir.mkdir()
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
-    tokenizer.save_pretrained(tok_dir)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(vocab)
+
+
+def write_tiny_sd(root, dtype=torch.float32, variant=None, family="sd15"):
+    """A 16-px SD-layout folder at `root`: weights stored in `dtype` (optionally only as a
+    `variant`, e.g. "fp16" files), the scheduler of `family` ("sd15": PNDM/epsilon, "sd2": DDIM/v)."""
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab_size = _tokenizer(root / "_tokenizer")
     text = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab),
+            vocab_size=vocab_size,
             hidden_size=32,
             intermediate_size=37,
             num_attention_heads=4,
@@ -35,7 +54,6 @@ def write_tiny_sd(root):
             pad_token_id=1,
         )
     )
-    text.save_pretrained(root / "text_encoder")
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -46,7 +64,6 @@ def write_tiny_sd(root):
         norm_num_groups=4,
         sample_size=16,
     )
-    vae.save_pretrained(root / "vae")
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -59,16 +76,19 @@ def write_tiny_sd(root):
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    unet.save_pretrained(root / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False).save_pretrained(root / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
+    scheduler = PNDMScheduler(**SD15_SCHEDULER) if family == "sd15" else DDIMScheduler(**SD2_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dtype=dtype)
+    pipe.save_pretrained(root, variant=variant)
+    for f in (root / "_tokenizer").iterdir():
+        f.unlink()
+    (root / "_tokenizer").rmdir()
     return root

@@ -102,6 +102,7 @@ class DiffusionModel:
     vae: AutoencoderKL | None = None
     prompt_length: int = 77
     image_size: int = 32
+    scheduler_file_config: dict | None = None  # the folder's scheduler config as written (e.g. SD 1.5's PNDM one)
 
     @property
     def use_attention_mask(self) -> bool:
@@ -175,7 +176,7 @@ class DiffusionModel:
         model's) samples with trailing spacing, from t = T-1, where it leaks no signal (leading
         spacing starts at t = 960 and leaks 6 %); any other model keeps its own spacing, as its
         pipeline would."""
-        config = self.noise_scheduler.config
+        config = self.scheduler_file_config or self.noise_scheduler.config  # DDIM reads keys DDPM lacks (set_alpha_to_one)
         if config.get("rescale_betas_zero_snr", False):
             return DDIMScheduler.from_config(config, timestep_spacing="trailing")
         return DDIMScheduler.from_config(config)
@@ -311,8 +312,11 @@ def load_model(
     if not text_dir.is_dir() and extra.get("text_encoder") == MINILM:
         text_dir = tok_dir = minilm_dir()
     try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", "diffusion_pytorch_model"))
+        weights = dict(dtype=torch_dtype)  # diffusers keeps the modules its models mark float32 in float32
+        unet_variant = _variant(root / "unet", "diffusion_pytorch_model")
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=unet_variant, **weights)
         noise_scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+        scheduler_file_config = dict(DDIMScheduler.load_config(root / "scheduler"))
         text_cls = _component(index, "text_encoder")
         # fedaigc's BERT encoders have no pooler (the UNet reads hidden states; pooling is ours)
         extra_kwargs = {"add_pooling_layer": False} if text_cls is transformers.BertModel else {}
@@ -321,7 +325,7 @@ def load_model(
         vae_cls = _component(index, "vae")
         vae = None
         if vae_cls is not None and (root / "vae").is_dir():
-            vae = vae_cls.from_pretrained(root / "vae", variant=_variant(root / "vae", "diffusion_pytorch_model"))
+            vae = vae_cls.from_pretrained(root / "vae", variant=_variant(root / "vae", "diffusion_pytorch_model"), **weights)
             vae.enable_slicing()
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot load model from {root}: {e}") from None
@@ -332,14 +336,14 @@ def load_model(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         noise_scheduler=noise_scheduler,
+        scheduler_file_config=scheduler_file_config,
         vae=vae,
         prompt_length=extra.get("prompt_length", tokenizer.model_max_length),
     )
     model.image_size = sample * model.vae_scale
     model.image_size = check_resolution(model, resolution)
-    for part in model.parts:
-        part.to(target, torch_dtype)
-    return model.freeze()
+    text_encoder.to(torch_dtype)
+    return model.to(target).freeze()
 
 
 def save_model(
