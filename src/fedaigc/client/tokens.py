@@ -101,6 +101,13 @@ class PrivateToken:
         if len(tensors) != 1 or next(iter(tensors.values())).shape != (dim,):
             raise UserError(f"{path}: expected one token embedding of size {dim} ({{name: vector}})")
         ((name, vector),) = tensors.items()
+        if not name.strip() or name != name.strip() or len(name.split()) != 1:
+            raise UserError(f"{path}: token name {name!r} is empty or holds spaces (expected one word such as <u1f3a>)")
+        if not vector.is_floating_point():
+            raise UserError(f"{path}: token embedding is {vector.dtype}, not floating point")
         if not torch.isfinite(vector).all():
             raise UserError(f"{path}: token embedding contains NaN or Inf")
-        return cls(model, name, vector)
+        try:
+            return cls(model, name, vector)
+        except ValueError as e:  # a name the tokenizer already knows
+            raise UserError(f"{path}: {e}") from None
