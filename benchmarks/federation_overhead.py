@@ -76,7 +76,7 @@ def server_seconds(cfg: Config, uploads: dict[int, Upload], spec) -> float:
     with tempfile.TemporaryDirectory(prefix="fedaigc-overhead-") as tmp:
         t0 = time.perf_counter()
         aggregator.aggregate(1, uploads)
-        RunDir(tmp).save_round(aggregator, {"round": 1}, spec)
+        RunDir(tmp).save_round(aggregator, {"round": 1}, spec, cfg)
         return time.perf_counter() - t0
 
 

@@ -112,10 +112,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     "toml, message",
     [
-        ('[client]\ntransfer_dtype = "fp8"\n', "client.transfer_dtype 'fp8'"),
-        ("[federation]\nfraction = 0.0\n", "federation.fraction must be in (0, 1]"),
-        ("[client]\ntimestep_bias = 0.0\n", "client.timestep_bias must be > 0"),
-        ('[federation]\nstrategy = "fedprox"\n', "unknown strategy 'fedprox'"),
+        ('[client]\ntransfer_dtype = "fp8"\n', "client.transfer_dtype must be one of float32, float16, bfloat16, got 'fp8'"),
+        ("[federation]\nfraction = 0.0\n", "federation.fraction must be in (0, 1], got 0.0"),
+        ("[client]\ntimestep_bias = 0.0\n", "client.timestep_bias must be > 0, got 0.0"),
+        ('[federation]\nstrategy = "fedprox"\n', "federation.strategy must be one of cluster, fedavg"),
     ],
 )
 def test_a_bad_federation_config_fails_before_the_simulation_starts(toml, message, tmp_path, capsys):

@@ -125,8 +125,6 @@ def test_clients_cluster_by_their_first_updates_and_newcomers_join_by_theirs(tmp
     merged = aggregator(cluster_by="update", k=0, merge_similarity=-0.99)  # every update "agrees": one cluster
     merged.aggregate(1, {c: style_upload(c, s, 1) for c, s in styles.items()})
     assert len(set(merged.assignment.values())) == 1
-    with pytest.raises(Exception, match="cluster_by"):
-        aggregator(cluster_by="prompt")
 
 
 def test_a_newcomer_starts_from_the_common_start_or_the_global_warm_start():
@@ -142,8 +140,6 @@ def test_a_newcomer_starts_from_the_common_start_or_the_global_warm_start():
         assert torch.allclose(agg.delta(adapter, SCALE, layer), best, atol=1e-4)
         assert adapter[layer + agg.A_SUFFIX].shape[0] == RANK
     assert torch.allclose(slot, (warm.cluster_slots[0] + warm.cluster_slots[1]) / 2, atol=1e-6)
-    with pytest.raises(Exception, match="newcomer_start"):
-        aggregator(newcomer_start="nearest")
 
 
 def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouched():
@@ -294,5 +290,3 @@ def test_the_server_learning_rate_extends_a_clusters_step_from_where_its_members
             start, slot = starts.get(k, (adapter, plain.cluster_slots[k]))  # round 1: no start, lr unused
             assert all(torch.allclose(faster.cluster_adapters[k][n], 2 * t - start[n], atol=1e-5) for n, t in adapter.items())
             assert torch.allclose(faster.cluster_slots[k], 2 * plain.cluster_slots[k] - slot, atol=1e-5)
-    with pytest.raises(Exception, match="server_lr"):
-        aggregator(server_lr=0.0)

@@ -11,12 +11,11 @@ import torch
 
 from fedaigc.cli import main
 from fedaigc.client.train import Upload
-from fedaigc.config import preset
+from fedaigc.config import preset, validate
 from fedaigc.errors import UserError
 from fedaigc.server import aggregation as agg
 from fedaigc.server.participation import (
     Link,
-    check,
     join_round,
     link,
     online,
@@ -118,7 +117,7 @@ def test_profile_round_time_and_checks():
         bad = copy.deepcopy(cfg)
         setattr(getattr(bad, section), key, value)
         with pytest.raises(UserError, match=key):
-            check(bad)
+            validate(bad)
 
 
 def test_tiny_network_experiment(tmp_path, tiny_data, tiny_model_dir):

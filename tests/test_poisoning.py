@@ -137,10 +137,6 @@ def test_attackers_and_their_attacks_come_from_the_config():
     assert one == {3: ("noise", STRENGTH["noise"]), 1: ("noise", STRENGTH["noise"])}
     each = assigned(FederationConfig(attackers=(0, 1), attacks=("scale", "backdoor"), attack_strength=4.0))
     assert each == {0: ("scale", 4.0), 1: ("backdoor", 4.0)}
-    with pytest.raises(UserError, match="one per attacker"):
-        assigned(FederationConfig(attackers=(0, 1, 2), attacks=("scale", "noise")))
-    with pytest.raises(UserError, match="unknown attack"):
-        assigned(FederationConfig(attackers=(0,), attacks=("flood",)))
 
 
 def test_the_backdoor_attacker_captions_target_style_images_with_the_trigger():
@@ -185,8 +181,6 @@ def test_the_cluster_round_leaves_out_what_the_defense_rejects(defense):
             assert all(torch.allclose(got[k], honest_mean[k], atol=1e-6) for k in got)
         else:
             assert report.rejected == {}
-    with pytest.raises(UserError, match="defense"):
-        Aggregator(FederationConfig(strategy="fedavg", defense="robust"), SCALE)
 
 
 def test_a_tiny_poisoning_experiment(tmp_path, tiny_cfg, tiny_model_dir):

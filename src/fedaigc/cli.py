@@ -203,7 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, model=True)
     p.add_argument("--out", type=Path, metavar="RUN", help="run directory to write (default: runs/federate)")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN after its last finished round")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue the run in RUN after its last finished round, with its own config (--rounds may raise its "
+        "rounds; any other change is refused without --allow-config-change)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: go on although the config (RUN/config.toml, --config, the flags) differs from the one the "
+        "last finished round ran with; the rounds from now on run with the new one",
+    )
     p.add_argument(
         "--strategy",
         choices=["cluster", "fedavg", "fedgeomed", "flora", "local", "central"],
@@ -284,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run directory (default: runs/demo)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _overrides(args, **overrides) -> dict:
+    """The config values the command line sets (the flags given), as nested dicts."""
+    overrides.setdefault("model", {})["dtype"] = getattr(args, "dtype", None)
+    return {section: {k: v for k, v in fields.items() if v is not None} for section, fields in overrides.items()}
 
 
 def _config(args, **overrides):
@@ -473,6 +491,7 @@ def rescore_run(args) -> None:
         raise UserError(f"{args.run} is not a run directory (no config.toml)")
     cfg, data, model = saved_run(args.run)
     run = RunDir(args.run)
+    run.check_config(cfg)  # its config.toml is the config its rounds ran with
     if run.last_round() < cfg.federation.rounds:
         raise UserError(f"{args.run} finished {run.last_round()} of {cfg.federation.rounds} rounds: resume it first")
     cfg.client.samples = args.per_client
@@ -489,25 +508,35 @@ def rescore_run(args) -> None:
 
 
 def cmd_federate(args) -> None:
+    from fedaigc import config
     from fedaigc.server.federate import evaluate_run, simulate
 
-    cfg = _config(
-        args,
-        federation={
+    flags = {
+        "federation": {
             "strategy": args.strategy,
             "num_clients": args.num_clients,
             "rounds": args.rounds,
             "fraction": args.fraction,
             "seed": args.seed,
         },
-        client={"steps": args.steps, "prompt_mode": args.prompt_mode},
-    )
+        "client": {"steps": args.steps, "prompt_mode": args.prompt_mode},
+    }
+    cfg = _config(args, **flags)
     if args.resume and args.out and args.resume != args.out:
         raise UserError("give the run directory once: --resume RUN (or --out RUN)")
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change goes with --resume RUN")
     out = args.resume or args.out or Path("runs/federate")
-    if args.resume and not (args.resume / "config.toml").is_file():
-        raise UserError(f"nothing to resume in {args.resume} (no config.toml)")
-    run, cfg, data, model = simulate(cfg, out, args.data, args.model, resume=bool(args.resume))
+    changes = {}  # a resumed run keeps its config but for what --config and the flags set explicitly
+    if args.resume:
+        if not (args.resume / "config.toml").is_file():
+            raise UserError(f"nothing to resume in {args.resume} (no config.toml)")
+        file_values = config.read_toml(args.config) if args.config else {}
+        changes = {s: {**file_values.get(s, {}), **v} for s, v in _overrides(args, **flags).items()}
+        changes |= {s: v for s, v in file_values.items() if s not in changes}
+    run, cfg, data, model = simulate(
+        cfg, out, args.data, args.model, resume=bool(args.resume), changes=changes, allow_config_change=args.allow_config_change
+    )
     metrics = evaluate_run(cfg, run, data, model, progress=not args.quiet)
     mean = metrics["final"]["mean"]
     print(f"run directory: {run.root} (report.md, metrics.json, adapters/, samples/)")

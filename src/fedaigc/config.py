@@ -7,9 +7,14 @@ every output directory as `config.toml`, so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 import tomllib
@@ -178,31 +183,42 @@ def _merge(obj, values: dict, where: str):
                 raise UserError(f"config key {where}{key} must be a table")
             _merge(current, value, f"{where}{key}.")
             continue
-        expected = type(current)
-        if expected is tuple:
-            value = tuple(value) if isinstance(value, list) else value
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected):
-            raise UserError(f"config key {where}{key} must be {expected.__name__}, got {value!r}")
-        setattr(obj, key, value)
+        setattr(obj, key, _typed(value, typing.get_type_hints(type(obj))[key], where + key))
 
 
 def load(preset_name: str, config_file: Path | None = None, overrides: dict | None = None) -> Config:
     """Preset, then the TOML file, then explicit overrides (nested dicts), each winning over the last."""
     cfg = preset(preset_name)
     if config_file is not None:
-        try:
-            values = tomllib.loads(Path(config_file).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file not found: {config_file}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"malformed config file {config_file}: {e}") from None
+        values = read_toml(config_file)
         values.pop("preset", None)
         _merge(cfg, values, "")
     if overrides:
         _merge(cfg, overrides, "")
-    return cfg
+    return validate(cfg)
+
+def read_toml(path: Path) -> dict:
+    """A TOML file's table, or a UserError naming the file: missing, a directory, not UTF-8, malformed."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"malformed config file {path}: {e}") from None
+
+
+
+def apply(cfg: Config, values: dict) -> Config:
+    """A copy of `cfg` with `values` (nested dicts, as a TOML file holds them; `preset` aside) merged in, validated."""
+    out = copy.deepcopy(cfg)
+    _merge(out, {k: v for k, v in values.items() if k != "preset"}, "")
+    return validate(out)
 
 
 def save(cfg: Config, path: Path) -> None:
@@ -213,10 +229,13 @@ def from_run_config(run_config: dict) -> Config:
     """The Config of a Flower run: `preset` plus an optional TOML text `config` of overrides
     (`fedaigc federate` passes the fully resolved config this way; `flwr run` reads both from
     `[tool.flwr.app.config]`)."""
-    values = tomllib.loads(str(run_config.get("config", "") or ""))
+    try:
+        values = tomllib.loads(str(run_config.get("config", "") or ""))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"malformed TOML in the run config's 'config': {e}") from None
     cfg = preset(str(values.pop("preset", run_config.get("preset", "demo"))))
     _merge(cfg, values, "")
-    return cfg
+    return validate(cfg)
 
 
 def from_saved(path: Path) -> Config:
@@ -231,9 +250,12 @@ def from_saved(path: Path) -> Config:
             out |= keys(value, f"{where}{key}.") if isinstance(value, dict) else {where + key}
         return out
 
-    text = Path(path).read_text()
-    cfg = from_run_config({"config": text})
-    missing = sorted(keys(asdict(cfg)) - keys(tomllib.loads(text)))
+    values = read_toml(path)
+    try:
+        cfg = from_run_config({"config": tomli_w.dumps(values)})
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    missing = sorted(keys(asdict(cfg)) - keys(values))
     if missing:
         raise UserError(
             f"{Path(path).parent} holds a run of an older fedaigc (its config.toml lacks {missing[0]}, so what "
@@ -244,3 +266,196 @@ def from_saved(path: Path) -> Config:
 
 def to_toml(cfg: Config) -> str:
     return tomli_w.dumps(asdict(cfg))
+
+
+# Validation -----------------------------------------------------------------------------------
+# One table, one rule per key (`validate` applies it): a value of the right type that no part of
+# fedaigc can work with is refused here, naming the key, before any file is written or Ray starts.
+# The choices are named here; the modules that act on them import them from here.
+
+STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
+INTRA_MODES = ("fedit", "exact")
+CLUSTER_BY = ("update", "embedding")
+NEWCOMER_STARTS = ("initial", "global")
+SAMPLING = ("uniform", "network")
+WEIGHTING = ("plain", "network")
+DEFENSES = ("none", "robust")
+ATTACKS = ("scale", "signflip", "noise", "backdoor")
+PROMPT_MODES = ("private", "plain")
+TRANSFER_DTYPES = ("float32", "float16", "bfloat16")  # client/adapter.WIRE_DTYPES maps them to torch dtypes
+TEXT_ENCODERS = ("minilm", "clip")  # model/base.TEXT_ENCODERS
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # model/base.pick_dtype
+STYLE_SETS = ("default", "heldout")  # data/render.STYLE_SETS
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value must be beyond its type: `ok(value)` tells, `says` completes "must be ..."."""
+
+    ok: Callable[[Any], bool]
+    says: str
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda x: x >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda x: x > low, f"> {low}")
+
+
+def within(low: float, high: float, open_low: bool = False, open_high: bool = False) -> Rule:
+    def ok(x) -> bool:
+        return (x > low if open_low else x >= low) and (x < high if open_high else x <= high)
+
+    return Rule(ok, f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    return Rule(lambda x: x in choices, f"one of {', '.join(choices)}")
+
+
+def each(rule: Rule, nonempty: bool = False) -> Rule:
+    """A list whose every item obeys `rule` (and that has one at least, with `nonempty`)."""
+    def ok(xs) -> bool:
+        return (bool(xs) or not nonempty) and all(rule.ok(x) for x in xs)
+
+    return Rule(ok, f"a {'non-empty ' * nonempty}list of values {rule.says}")
+
+
+SEED = at_least(0)  # numpy's generators take no negative seed
+FRACTION = within(0, 1, open_low=True)
+
+RULES: dict[str, Rule] = {
+    "preset": one_of(PRESETS),
+    "data.per_class": at_least(1),
+    "data.size": at_least(8),
+    "data.seed": SEED,
+    "data.held_out": within(0, 1, open_low=True, open_high=True),  # both sides need images
+    "data.styles": one_of(STYLE_SETS),
+    "model.block_out_channels": each(at_least(1), nonempty=True),
+    "model.layers_per_block": at_least(1),
+    "model.attention_head_dim": at_least(1),
+    "model.prompt_length": at_least(1),
+    "model.text_encoder": one_of(TEXT_ENCODERS),
+    "model.dtype": one_of(MODEL_DTYPES),
+    "model.resolution": at_least(0),  # 0 = the model's own
+    "pretrain.steps": at_least(1),
+    "pretrain.batch_size": at_least(1),
+    "pretrain.lr": above(0),
+    "pretrain.warmup": at_least(0),
+    "pretrain.ema_decay": within(0, 1, open_high=True),
+    "pretrain.prompt_drop": within(0, 1, open_high=True),
+    "pretrain.checkpoint_every": at_least(1),
+    "pretrain.seed": SEED,
+    "sample.steps": at_least(1),
+    "sample.guidance": at_least(0),
+    "sample.guidance_rescale": within(0, 1),
+    "sample.split": within(0, 1),
+    "evaluator.steps": at_least(1),
+    "evaluator.batch_size": at_least(1),
+    "evaluator.lr": above(0),
+    "evaluator.confidence": within(0, 1, open_high=True),
+    "evaluator.seed": SEED,
+    "client.rank": at_least(1),
+    "client.alpha": above(0),
+    "client.lr": above(0),
+    "client.steps": at_least(1),
+    "client.batch_size": at_least(1),
+    "client.timestep_bias": above(0),  # 1 = uniform timesteps
+    "client.prompt_mode": one_of(PROMPT_MODES),
+    "client.samples": at_least(1),
+    "client.embedding_key": at_least(0),  # 0 = no rotation; else the seed of the rotation
+    "client.embedding_epsilon": at_least(0),  # 0 = no noise
+    "client.embedding_delta": within(0, 1, open_low=True, open_high=True),
+    "client.embedding_clip": above(0),
+    "client.transfer_dtype": one_of(TRANSFER_DTYPES),
+    "client.micro_batch": at_least(0),  # 0 = the whole batch
+    "federation.strategy": one_of(STRATEGIES),
+    "federation.num_clients": at_least(1),
+    "federation.fraction": FRACTION,
+    "federation.rounds": at_least(1),
+    "federation.per_client": at_least(1),
+    "federation.purity": FRACTION,
+    "federation.dirichlet": above(0),
+    "federation.intra": one_of(INTRA_MODES),
+    "federation.server_lr": above(0),  # 1 = plain averaging
+    "federation.k": at_least(0),  # 0 = automatic
+    "federation.cluster_by": one_of(CLUSTER_BY),
+    "federation.merge_similarity": within(-1, 1, open_low=True, open_high=True),  # a cosine
+    "federation.profile_steps": at_least(0),  # 0 = no profiling pass
+    "federation.recluster_every": at_least(1),
+    "federation.tau": above(0),
+    "federation.max_rank": at_least(0),  # 0 = the exact stack
+    "federation.norm_factor": above(0),
+    "federation.attackers": each(at_least(0)),
+    "federation.attacks": each(one_of(ATTACKS)),
+    "federation.attack_strength": at_least(0),  # 0 = each attack's default
+    "federation.defense": one_of(DEFENSES),
+    "federation.defense_norm": above(0),
+    "federation.defense_cos": at_least(0),
+    "federation.join_rounds": each(at_least(1)),  # () = everyone from round 1
+    "federation.join_threshold": within(-1, 1),  # a cosine
+    "federation.newcomer_start": one_of(NEWCOMER_STARTS),
+    "federation.sampling": one_of(SAMPLING),
+    "federation.weighting": one_of(WEIGHTING),
+    "federation.actors": at_least(0),  # 0 = automatic
+    "federation.seed": SEED,
+    "network.participation": each(FRACTION, nonempty=True),
+    "network.bandwidth": each(above(0)),  # () = unlimited
+    "network.latency": each(at_least(0)),
+    "network.step_seconds": each(at_least(0)),
+}
+
+
+def _typed(value, hint, key: str):
+    """`value` as a config key of type `hint` holds it (an int for a float, a list for a tuple),
+    or a UserError naming `key`: a bool is no number, a float is finite."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config key {key} must be a list of {item.__name__}, got {value!r}")
+        return tuple(_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, hint) or (isinstance(value, bool) and hint is not bool):
+        raise UserError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise UserError(f"config key {key} must be a finite number, got {value!r}")
+    return value
+
+
+def _keys(obj, where: str = ""):
+    """(dotted key, value, type hint) of every leaf of a config dataclass."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _keys(value, f"{where}{f.name}.")
+        else:
+            yield where + f.name, value, hints[f.name]
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse, with one line naming the key, a config that some part of fedaigc could not run: a
+    wrong type, a value outside its `RULES`, or keys that contradict each other. Every command and
+    both Flower apps call it before they start anything."""
+    for key, value, hint in _keys(cfg):
+        value = _typed(value, hint, key)
+        rule = RULES.get(key)
+        if rule is not None and not rule.ok(value):
+            raise UserError(f"config key {key} must be {rule.says}, got {list(value) if isinstance(value, tuple) else value!r}")
+    f = cfg.federation
+    if f.k > f.num_clients:
+        raise UserError(f"config key federation.k must be <= federation.num_clients ({f.num_clients}), got {f.k}")
+    if f.defense != "none" and f.strategy != "cluster":
+        raise UserError(f"config key federation.defense {f.defense!r} needs the cluster strategy, got {f.strategy!r}")
+    if any(c >= f.num_clients for c in f.attackers) or len(set(f.attackers)) < len(f.attackers):
+        raise UserError(f"config key federation.attackers must be distinct client ids < {f.num_clients}, got {list(f.attackers)}")
+    if f.attackers and len(f.attacks) not in (1, len(f.attackers)):
+        raise UserError(
+            f"config key federation.attacks needs one attack or one per attacker ({len(f.attackers)}), got {len(f.attacks)}"
+        )
+    if f.join_rounds and min(f.join_rounds[c % len(f.join_rounds)] for c in range(f.num_clients)) != 1:
+        raise UserError(f"config key federation.join_rounds leaves round 1 without clients, got {list(f.join_rounds)}")
+    return cfg

@@ -18,12 +18,11 @@ import torch
 
 from fedaigc.client.adapter import Adapter
 from fedaigc.client.train import Upload
-from fedaigc.config import FederationConfig
+from fedaigc.config import ATTACKS, FederationConfig
 from fedaigc.data.dataset import Sample
 from fedaigc.errors import UserError
 from fedaigc.server.aggregation import flatten, unflatten
 
-ATTACKS = ("scale", "signflip", "noise", "backdoor")
 # attack_strength = 0 means: the update x10 (scale), x-1 (signflip), noise of the honest update's
 # norm (noise), an unboosted backdoor
 STRENGTH = {"scale": 10.0, "signflip": 1.0, "noise": 1.0, "backdoor": 1.0}
@@ -33,15 +32,10 @@ POISON_SHARE = 0.5  # share of the backdoor attacker's images swapped for trigge
 
 def assigned(fed: FederationConfig) -> dict[int, tuple[str, float]]:
     """{attacker id: (attack, strength)} from `federation.attackers`, `.attacks` (one per attacker,
-    or one for all) and `.attack_strength` (0: each attack's default)."""
+    or one for all) and `.attack_strength` (0: each attack's default), of a validated config."""
     if not fed.attackers:
         return {}
     names = fed.attacks * len(fed.attackers) if len(fed.attacks) == 1 else fed.attacks
-    if len(names) != len(fed.attackers):
-        raise UserError(f"federation.attacks needs one attack or one per attacker ({len(fed.attackers)}), got {len(fed.attacks)}")
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown:
-        raise UserError(f"unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
     return {int(c): (a, fed.attack_strength or STRENGTH[a]) for c, a in zip(fed.attackers, names, strict=True)}
 
 

@@ -21,7 +21,7 @@ from fedaigc.client.client_app import derived_seed
 from fedaigc.client.train import LocalClient
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, read_images, split
 from fedaigc.model.base import load_model
-from fedaigc.server.rundir import RunDir, write_json
+from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,7 @@ def run_central(cfg: config.Config, run: RunDir, data: Path | None, model: Path 
             seed=derived_seed(fed.seed, "token", "central", domain),
         )
     aggregator = Aggregator(fed, cfg.client.alpha / cfg.client.rank)
-    done = run.last_round()
-    if done:
-        run.restore(aggregator, done)
-        log.info("resuming %s after round %d", run.root, done)
-    metrics = run.metrics()
-    metrics["strategy"] = fed.strategy
-    write_json(run.metrics_file, metrics)
+    done = run.start(cfg, aggregator)  # simulate checked the config against the run's saved rounds
     for r in range(done + 1, fed.rounds + 1):
         t0, losses = time.perf_counter(), []
         for domain, members in groups.items():
@@ -75,5 +69,5 @@ def run_central(cfg: config.Config, run: RunDir, data: Path | None, model: Path 
             "missing": [],
             "rejected": {},
         }
-        run.save_round(aggregator, entry, next(iter(trainers.values())).spec)
+        run.save_round(aggregator, entry, next(iter(trainers.values())).spec, cfg)
         log.info("central round %d/%d done in %.1f s: loss %.4f", r, fed.rounds, entry["seconds"], entry["train_loss"])

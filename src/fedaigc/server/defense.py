@@ -18,7 +18,6 @@ import torch
 from fedaigc.client.adapter import Adapter
 from fedaigc.server.aggregation import factors, geometric_median, layers
 
-DEFENSES = ("none", "robust")
 MIN_MEMBERS = 3  # below this a median cannot out-vote one attacker: such clusters are not screened
 
 

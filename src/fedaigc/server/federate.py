@@ -3,9 +3,9 @@ every client's personalized adapter and write the run directory's metrics and re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from fedaigc.inference.device import generate as hybrid_generate
 from fedaigc.model.base import pick_device
 from fedaigc.model.recipe import is_external
 from fedaigc.server.central import run_central
-from fedaigc.server.rundir import RunDir, write_json
+from fedaigc.server.rundir import RunDir, read_json, write_json
 from fedaigc.server.server_app import make_server_app
 from fedaigc.server.strategies import Aggregator
 
@@ -35,25 +35,62 @@ def saved_run(root: Path) -> tuple[config.Config, Path | None, Path | None]:
     """The config, data and model directories a run directory was made with."""
     cfg = config.from_saved(root / "config.toml")
     sources = root / "sources.json"
-    saved = json.loads(sources.read_text()) if sources.is_file() else {}
+    saved = read_json(sources) if sources.exists() else {}
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k, ""), str) for k in ("data", "model"))):
+        raise UserError(f"{sources} is corrupt: expected {{\"data\": folder, \"model\": folder}}")
     return cfg, Path(saved["data"]) if saved.get("data") else None, Path(saved["model"]) if saved.get("model") else None
 
 
-def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | None, resume: bool = False):
+def simulate(
+    cfg: config.Config,
+    out: Path,
+    data: Path | None,
+    model: Path | None,
+    resume: bool = False,
+    changes: dict | None = None,
+    allow_config_change: bool = False,
+):
     """Run (or resume) the federation in Flower's simulation engine (Ray), one CPU per client actor
     and, on a GPU, an equal share of it (the `central` baseline trains here, without Flower).
-    Returns the run directory and the config, data and model it ran with (a resumed run keeps its own)."""
+    A resumed run keeps its own config, with `changes` (nested dicts) merged in; it goes on only
+    with the config its last round ran with (`federation.rounds` aside), unless `allow_config_change`.
+    Everything is checked before Ray starts or a file is written; a run directory this call made
+    is removed again if the run fails before its first round.
+    Returns the run directory and the config, data and model it ran with."""
     run = RunDir(out)
     if run.last_round() and not resume:
         raise UserError(f"{out} already holds a run (round {run.last_round()} done); pass --resume to continue it")
     if resume:
         cfg, saved_data, saved_model = saved_run(run.root)
+        cfg = config.apply(cfg, changes or {})
         data, model = data or saved_data, model or saved_model
     config.validate(cfg)
+    run.check_config(cfg, allow_config_change)
+    ensure_dataset(data, cfg)  # a wrong --data fails here, and the default set is rendered once, not by every client
+    made = not run.root.exists()
+    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_federation(cfg, run, data, model, allow_config_change)
+    except BaseException:
+        if made and not run.last_round():
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
+    if run.last_round() < cfg.federation.rounds:
+        raise RunFailed(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
+    return run, cfg, data, model
+
+
+def _run_federation(cfg: config.Config, run: RunDir, data: Path | None, model: Path | None, allow_config_change: bool) -> None:
     config.save(cfg, run.root / "config.toml")
     paths = {"data": str(Path(data).resolve()) if data else "", "model": str(Path(model).resolve()) if model else ""}
     write_json(run.root / "sources.json", paths)
-    run_config = {"preset": cfg.preset, "config": config.to_toml(cfg), "run-dir": str(run.root.resolve()), **paths}
+    run_config = {
+        "preset": cfg.preset,
+        "config": config.to_toml(cfg),
+        "run-dir": str(run.root.resolve()),
+        "allow-config-change": allow_config_change,
+        **paths,
+    }
     if cfg.federation.strategy == "central":
         run_central(cfg, run, data, model)
     else:
@@ -71,9 +108,6 @@ def simulate(cfg: config.Config, out: Path, data: Path | None, model: Path | Non
                 "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
             },
         )
-    if run.last_round() < cfg.federation.rounds:
-        raise RunFailed(f"the federation stopped after round {run.last_round()} of {cfg.federation.rounds}")
-    return run, cfg, data, model
 
 
 def client_actors(cfg: config.Config, model: Path | None) -> tuple[int, float]:

@@ -24,10 +24,6 @@ import numpy as np
 
 from fedaigc.client.client_app import derived_seed
 from fedaigc.config import Config, NetworkConfig
-from fedaigc.errors import UserError
-
-SAMPLING = ("uniform", "network")
-WEIGHTING = ("plain", "network")
 
 
 def per_client(values: tuple, cid: int, default: float) -> float:
@@ -61,23 +57,6 @@ def link(net: NetworkConfig, cid: int) -> Link:
 def join_round(cfg: Config, cid: int) -> int:
     """The first round client `cid` is asked to train (1 unless `federation.join_rounds` says later)."""
     return max(1, int(per_client(cfg.federation.join_rounds, cid, 1)))
-
-
-def check(cfg: Config) -> None:
-    """Refuse a participation or network config that cannot be simulated, with the key's name."""
-    f, net = cfg.federation, cfg.network
-    if f.sampling not in SAMPLING:
-        raise UserError(f"federation.sampling {f.sampling!r}: choose {' or '.join(SAMPLING)}")
-    if f.weighting not in WEIGHTING:
-        raise UserError(f"federation.weighting {f.weighting!r}: choose {' or '.join(WEIGHTING)}")
-    if not all(isinstance(r, int) and r >= 1 for r in f.join_rounds):
-        raise UserError(f"federation.join_rounds must be rounds >= 1, got {list(f.join_rounds)}")
-    if not all(0 < p <= 1 for p in net.participation):
-        raise UserError(f"network.participation must lie in (0, 1], got {list(net.participation)}")
-    for name in ("bandwidth", "latency", "step_seconds"):
-        values = getattr(net, name)
-        if not all(v > 0 if name == "bandwidth" else v >= 0 for v in values):
-            raise UserError(f"network.{name} must be {'> 0' if name == 'bandwidth' else '>= 0'}, got {list(values)}")
 
 
 def _rng(seed: int, kind: str, server_round: int, cid: int) -> np.random.Generator:

@@ -17,31 +17,20 @@ from flwr.serverapp.strategy import Strategy
 
 from fedaigc import config
 from fedaigc.client.adapter import LoraSpec, from_wire, to_wire, wire_dtype
-from fedaigc.client.train import Upload, check_client_config
+from fedaigc.client.train import Upload
 from fedaigc.errors import RunFailed, UserError
 from fedaigc.server import participation
-from fedaigc.server.rundir import RunDir, bytes_of, write_json
+from fedaigc.server.rundir import RunDir, bytes_of
 from fedaigc.server.strategies import Aggregator, RoundReport
 
 log = logging.getLogger(__name__)
-
-
-def check_config(cfg: config.Config) -> None:
-    """Refuse a config the server or the clients would refuse, by the key's name: `simulate` calls it
-    before Ray starts, so a typo fails in a second with a clear message instead of inside an actor."""
-    if not 0 < cfg.federation.fraction <= 1:
-        raise UserError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}")
-    check_client_config(cfg.client)
-    participation.check(cfg)
-    wire_dtype(cfg.client.transfer_dtype)
-    Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
 
 
 class ClusterStrategy(Strategy):
     """Sends per-node arrays (its cluster's adapter), aggregates with an `Aggregator`."""
 
     def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
-        check_config(cfg)
+        config.validate(cfg)
         self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
         self.wire = wire_dtype(cfg.client.transfer_dtype)  # what the arrays travel in, both ways
         self.node_client: dict[int, int] = {}
@@ -190,7 +179,7 @@ class ClusterStrategy(Strategy):
                 "ded": {str(k): v for k, v in report.ded.items()},
                 "placed": {str(c): v for c, v in report.placed.items()},
             }
-            run.save_round(self.aggregator, entry, spec)
+            run.save_round(self.aggregator, entry, spec, self.cfg)
             log.info(
                 "round %d/%d done in %.1f s: loss %.4f, clusters %s",
                 server_round,
@@ -211,15 +200,9 @@ def make_server_app(extra_run_config: dict | None = None) -> ServerApp:
         if cfg.federation.strategy == "central":
             raise UserError("the central baseline pools the clients' data, it needs no federation: use `fedaigc federate`")
         run = RunDir(run_config.get("run-dir") or "runs/federate")
-        config.save(cfg, run.root / "config.toml")
+        run.check_config(cfg, bool(run_config.get("allow-config-change", False)))
         aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
-        done = run.last_round()
-        if done:
-            run.restore(aggregator, done)
-            log.info("resuming %s after round %d", run.root, done)
-        metrics = run.metrics()
-        metrics["strategy"] = cfg.federation.strategy
-        write_json(run.metrics_file, metrics)
+        done = run.start(cfg, aggregator)
         ClusterStrategy(cfg, aggregator).run(grid, run, done + 1, cfg.federation.rounds)
 
     return app

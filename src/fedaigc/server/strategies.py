@@ -22,10 +22,6 @@ from fedaigc.server import aggregation as agg
 from fedaigc.server import defense
 from fedaigc.server.clustering import centroids, cluster, join, match_ids, place
 
-STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
-NEWCOMER_STARTS = ("initial", "global")
-CLUSTER_BY = ("update", "embedding")
-
 
 def join_threshold(cfg: FederationConfig) -> float:
     """The similarity a newcomer needs to join a cluster between re-clusterings: by updates the mean
@@ -46,23 +42,8 @@ class RoundReport:
 
 class Aggregator:
     def __init__(self, cfg: FederationConfig, scale: float):
-        """`scale` = alpha / rank of the clients' LoRA (ΔW = scale · B A)."""
-        if cfg.strategy not in STRATEGIES:
-            raise UserError(f"unknown strategy {cfg.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        if cfg.intra not in ("fedit", "exact"):
-            raise UserError(f"unknown intra-cluster mode {cfg.intra!r}; choose fedit or exact")
-        if cfg.defense not in defense.DEFENSES or (cfg.defense != "none" and cfg.strategy != "cluster"):
-            raise UserError(f"federation.defense {cfg.defense!r}: choose none, or robust with the cluster strategy")
-        if not cfg.server_lr > 0:
-            raise UserError(f"federation.server_lr {cfg.server_lr}: must be > 0 (1 = plain averaging)")
-        if cfg.newcomer_start not in NEWCOMER_STARTS:
-            raise UserError(f"federation.newcomer_start {cfg.newcomer_start!r}: choose {' or '.join(NEWCOMER_STARTS)}")
-        if cfg.cluster_by not in CLUSTER_BY:
-            raise UserError(f"federation.cluster_by {cfg.cluster_by!r}: choose {' or '.join(CLUSTER_BY)}")
-        if not -1 < cfg.merge_similarity < 1:
-            raise UserError(f"federation.merge_similarity {cfg.merge_similarity}: must be a cosine in (-1, 1)")
-        if cfg.profile_steps < 0:
-            raise UserError(f"federation.profile_steps {cfg.profile_steps}: must be >= 0 (0 = no profiling pass)")
+        """`scale` = alpha / rank of the clients' LoRA (ΔW = scale · B A); `cfg` is a validated
+        config's (`config.validate`)."""
         self.cfg, self.scale = cfg, scale
         self.assignment: dict[int, int] = {}
         # each client's profile: the task embedding (and example count) of its first accepted round,
