@@ -109,6 +109,17 @@ def test_sdxl_folders_are_refused_before_any_work(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "SDXL" in err, err
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_generate_on_an_fp16_folder(sd_folders, tmp_path, dtype):
+    out = tmp_path / "x.png"
+    args = ["generate", "--preset", "tiny", "--model", str(sd_folders["fp16"]), "--dtype", dtype]
+    assert main(args + ["--prompt", "a picture of a star", "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (16, 16)  # the model's resolution
+
+
 @pytest.fixture(scope="module")
 def sd_run(tmp_path_factory, sd_folders, tiny_data):
     """A real `fedaigc federate` run (cluster, 2 clients, 1 round) on the fp16-stored folder."""
