@@ -135,7 +135,7 @@ def test_federate_on_an_fp16_folder_trains_at_the_models_resolution_with_its_rec
     metrics = json.loads((sd_run / "metrics.json").read_text())
     assert metrics["rounds"][0]["rejected"] == {} and len(metrics["rounds"][0]["clusters"]) == 2
     cfg = config.from_saved(sd_run / "config.toml")
-    assert cfg.client.timestep_bias == 1.0 and cfg.sample.guidance == 7.5 and cfg.client.gradient_checkpointing
+    assert cfg.client.timestep_bias == 1.0 and cfg.sample.guidance == 7.5 and cfg.client.lr == 0.03  # recipe, then the file
     from PIL import Image
 
     with Image.open(sd_run / "samples" / "client_0" / "0000.png") as im:
