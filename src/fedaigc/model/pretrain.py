@@ -12,16 +12,20 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedaigc.config import Config
 from fedaigc.data.dataset import ImageFolder, split
+from fedaigc.errors import UserError
 from fedaigc.model.base import build_model, pick_device, save_model
 
 log = logging.getLogger(__name__)
@@ -74,14 +78,73 @@ def diffusion_loss(
     return denoising_loss(model, latents, noise, t, context)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+CHECKPOINT = "checkpoint.safetensors"
+RESUMED_BY = ("data", "model", "pretrain")  # the config sections a checkpoint is resumed under unchanged,
+FREE_KEYS = {"pretrain.steps", "pretrain.checkpoint_every"}  # but for these: a pretraining may go on for more steps
+
+
+def _split(obj, key: str, tensors: dict[str, torch.Tensor]):
+    """`obj` (nested dicts, lists, tuples of tensors and JSON scalars: a state dict) as JSON, each
+    tensor replaced by {"tensor": its key in `tensors`}; dict keys keep their type (optimizer states use ints)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _split(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return {type(obj).__name__: [_split(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"{key}: a {type(obj).__name__} has no place in a checkpoint")
+
+
+def _join(tree, tensors: dict[str, torch.Tensor]):
+    """The inverse of `_split`."""
+    if not isinstance(tree, dict):
+        return tree
+    (kind, value), = tree.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _join(v, tensors) for k, v in value}
+    items = [_join(v, tensors) for v in value]
+    return tuple(items) if kind == "tuple" else items
+
+
+def save_checkpoint(state: dict, path: Path, cfg: Config) -> None:
+    """`state` (state dicts and scalars) as one safetensors file, the tensors as tensors and the rest
+    as JSON in its metadata with the config it was trained under: nothing that loading it could
+    execute (a pickle could), written under a temporary name and renamed."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split(state, "state", tensors)
+    used = {name: asdict(cfg)[name] for name in RESUMED_BY}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fedaigc.checkpoint": json.dumps(tree), "fedaigc.config": json.dumps(used)})
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """What `save_checkpoint` wrote, refused in one line if the file is corrupt or was trained under
+    another `data`, `model` or `pretrain` config (resuming it would mix two trainings; `FREE_KEYS` aside)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        tree, used = json.loads(meta["fedaigc.checkpoint"]), json.loads(meta["fedaigc.config"])
+        state = _join(tree, tensors)
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"corrupt pretraining checkpoint {path} ({e!r}): remove it to start over") from None
+    now = json.loads(json.dumps({name: asdict(cfg)[name] for name in RESUMED_BY}))
+    before = {f"{s}.{k}": v for s in used for k, v in used[s].items()}
+    after = {f"{s}.{k}": v for s in now for k, v in now[s].items()}
+    changed = sorted(k for k, v in after.items() if before.get(k) != v and k not in FREE_KEYS)
+    if changed:
+        raise UserError(f"{path} was trained with another {changed[0]}: remove it to start over, or pretrain with its config")
+    return state
+
+
 def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> Path:
-    """Train the base UNet; checkpoints to `out/checkpoint.pt` (resumed if present) and writes the
+    """Train the base UNet; checkpoints to `out/checkpoint.safetensors` (resumed if present) and writes the
     final EMA weights as a model directory in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,16 +181,22 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
     ema = EMAModel(params, decay=p.ema_decay, use_ema_warmup=True, power=0.75)
     gen = torch.Generator().manual_seed(p.seed)
     step, seconds = 0, 0.0
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / CHECKPOINT
+    if (out / "checkpoint.pt").exists():
+        log.warning("%s is not loaded (a pickle may run code); resuming needs %s", out / "checkpoint.pt", CHECKPOINT)
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=model.device)
-        unet.load_state_dict(state["unet"])
-        if joint:
-            model.text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        ema.load_state_dict(state["ema"])
-        gen.set_state(state["generator"].cpu())
+        state = load_checkpoint(ckpt, cfg)
+        try:
+            unet.load_state_dict(state["unet"])
+            if joint:
+                model.text_encoder.load_state_dict(state["text_encoder"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            ema.load_state_dict(state["ema"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"pretraining checkpoint {ckpt} does not fit this model ({e!r}): remove it to start over") from None
+        ema.to(model.device)
+        gen.set_state(state["generator"])
         step, seconds = state["step"], state["seconds"]
         log.info("resuming pretraining from %s at step %d", ckpt, step)
     n_params = sum(x.numel() for x in unet.parameters())
@@ -165,7 +234,7 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % p.checkpoint_every == 0 or step == p.steps:
-            _atomic_save(
+            save_checkpoint(
                 {
                     "unet": unet.state_dict(),
                     **({"text_encoder": model.text_encoder.state_dict()} if joint else {}),
@@ -177,6 +246,7 @@ def pretrain(cfg: Config, data_root: Path, out: Path, progress: bool = True) -> 
                     "seconds": time.perf_counter() - t0,
                 },
                 ckpt,
+                cfg,
             )
     bar.close()
     ema.copy_to(params)
