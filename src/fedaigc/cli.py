@@ -491,7 +491,7 @@ def rescore_run(args) -> None:
         raise UserError(f"{args.run} is not a run directory (no config.toml)")
     cfg, data, model = saved_run(args.run)
     run = RunDir(args.run)
-    run.check_config(cfg)  # its config.toml is the config its rounds ran with
+    run.check(cfg)  # before the evaluator trains: the config its rounds ran with, their state, metrics.json
     if run.last_round() < cfg.federation.rounds:
         raise UserError(f"{args.run} finished {run.last_round()} of {cfg.federation.rounds} rounds: resume it first")
     cfg.client.samples = args.per_client

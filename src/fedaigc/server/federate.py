@@ -65,7 +65,7 @@ def simulate(
         cfg = config.apply(cfg, changes or {})
         data, model = data or saved_data, model or saved_model
     config.validate(cfg)
-    run.check_config(cfg, allow_config_change)
+    run.check(cfg, allow_config_change)
     ensure_dataset(data, cfg)  # a wrong --data fails here, and the default set is rendered once, not by every client
     made = not run.root.exists()
     run.root.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,15 @@ class RunDir:
             scale = aggregator.global_scale
             save_adapter(folder / "global.safetensors", g, LoraSpec(rank, scale * rank, spec.text_encoder, spec.convs))
 
+    def check(self, cfg: config.Config, allow_change: bool = False) -> None:
+        """Everything `start` and evaluation read, checked before any work: the config against the
+        saved rounds (`check_config`), the last round's state (its content hash, then restored into a
+        scratch server) and metrics.json."""
+        self.check_config(cfg, allow_change)
+        if self.last_round():
+            self.restore(Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank), self.last_round())
+        self.metrics()
+
     def start(self, cfg: config.Config, aggregator: Aggregator) -> int:
         """Begin or resume a run of `cfg` (checked with `check_config` first): the last finished
         round restored into `aggregator` and its adapters published again (a kill may have stopped
@@ -220,8 +229,8 @@ class RunDir:
         digest = record.pop("sha256")
         if _digest(data, record) != digest:
             raise UserError(
-                f"{path} does not match the content hash in state.json (truncated or altered): remove "
-                f"{self.round_dir(r)} to go on from the round before"
+                f"{self.round_dir(r)}: state.safetensors and state.json do not match their content hash (truncated or "
+                "altered): remove the folder to go on from the round before"
             )
         try:
             return load_safetensors(data), record["meta"]
