@@ -107,7 +107,4 @@ class PrivateToken:
             raise UserError(f"{path}: token embedding is {vector.dtype}, not floating point")
         if not torch.isfinite(vector).all():
             raise UserError(f"{path}: token embedding contains NaN or Inf")
-        try:
-            return cls(model, name, vector)
-        except ValueError as e:  # a name the tokenizer already knows
-            raise UserError(f"{path}: {e}") from None
+        return cls(model, name, vector)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging as diffusers_logging
-from peft import get_peft_model_state_dict
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch.nn import Conv2d, Linear
 
-from fedaigc.client.adapter import read_adapter_file
+from fedaigc.client.adapter import lora_targets, read_adapter_file
 from fedaigc.errors import UserError
 from fedaigc.model.base import DiffusionModel
 from fedaigc.server import aggregation as agg
@@ -83,27 +84,31 @@ def read_clusters(path: Path) -> ClusterInfo:
 
 def _load_checked(unet, path: Path, name: str) -> None:
     """Load one adapter file as the named peft adapter, refusing a file whose tensors are corrupt or
-    not finite (`read_adapter_file`) or whose UNet layers are not exactly those the adapter's
-    config targets in this UNet (a missing layer would serve peft's initialisation)."""
+    not finite (`read_adapter_file`) or whose UNet layers are not exactly the layers of this UNet
+    that its module names target (a missing layer would go without its LoRA, a renamed one too)."""
     tensors = read_adapter_file(path)
-    unet_keys = {k.removeprefix("unet.") for k in tensors if k.startswith("unet.")}
-    if not unet_keys:
+    keys = {k.removeprefix("unet.") for k in tensors if k.startswith("unet.")}
+    if not keys:
         raise UserError(f"{path}: no UNet LoRA tensors (keys unet.*)")
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its missing/unexpected-key warnings become the error below
+    targets = LoraConfig(target_modules=lora_targets(keys))
+    layers = [
+        n
+        for n, m in unet.named_modules()
+        if isinstance(m, LoraLayer | Linear | Conv2d) and check_target_module_exists(targets, n)
+    ]
+    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+    if missing or unexpected:
+        what = [f"lacks tensor unet.{k}" for k in missing[:1]] + [
+            f"has unet.{k}, not a layer of this model" for k in unexpected[:1]
+        ]
+        raise UserError(f"{path}: {' and '.join(what)} ({len(missing)} missing, {len(unexpected)} unexpected)")
     try:
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             unet.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet", adapter_name=name)
     except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
         raise UserError(f"cannot load {path} into the model: {e}") from None
-    finally:
-        diffusers_logging.set_verbosity(level)
-    loaded = {k.replace(f".{name}", "") for k in get_peft_model_state_dict(unet, adapter_name=name)}
-    missing, unexpected = sorted(loaded - unet_keys), sorted(unet_keys - loaded)
-    if missing or unexpected:
-        what = f"lacks tensor unet.{missing[0]}" if missing else f"has tensor unet.{unexpected[0]}, not a layer of this model"
-        raise UserError(f"{path}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
 
 
 class ClusterMixer:
