@@ -111,18 +111,21 @@ def test_a_bad_config_is_refused_in_one_line_before_anything_starts(toml, messag
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "command, message",
     [
-        (["--rounds", "0"], "federation.rounds must be >= 1"),
-        (["--num-clients", "-2"], "federation.num_clients must be >= 1"),
-        (["--steps", "-1"], "client.steps must be >= 1"),
-        (["--fraction", "0"], "federation.fraction must be in (0, 1]"),
-        (["--allow-config-change"], "--allow-config-change goes with --resume"),
+        (["federate", "--rounds", "0"], "federation.rounds must be >= 1"),
+        (["federate", "--num-clients", "-2"], "federation.num_clients must be >= 1"),
+        (["federate", "--steps", "-1"], "client.steps must be >= 1"),
+        (["federate", "--fraction", "0"], "federation.fraction must be in (0, 1]"),
+        (["federate", "--allow-config-change"], "--allow-config-change goes with --resume"),
+        (["generate", "--prompt", "a star", "--split", "1.5", "--server", "http://127.0.0.1:9", "--token", "t"], "sample.split"),
+        (["generate", "--prompt", "a star", "--steps", "0"], "sample.steps must be >= 1"),
     ],
 )
-def test_bad_flags_are_refused_the_same_way(flags, message, tmp_path, capsys):
+def test_bad_flags_are_refused_the_same_way(command, message, tmp_path, capsys):
     out = tmp_path / "run"
-    refused(capsys, main(["federate", "--preset", "tiny", *flags, "--out", str(out)]), message)
+    target = out / "x.png" if command[0] == "generate" else out
+    refused(capsys, main([*command, "--preset", "tiny", "--out", str(target)]), message)
     assert not out.exists()
 
 

@@ -358,8 +358,6 @@ def cmd_generate(args) -> None:
         token = args.token or os.environ.get("FEDAIGC_TOKEN")
         if not token:
             raise UserError("--server needs --token (or $FEDAIGC_TOKEN)")
-        if not 0 <= cfg.sample.split <= 1:
-            raise UserError(f"--split must be in [0, 1], got {cfg.sample.split}")
         server = InferenceServer(args.server, token)
     weights = _numbers(args.weights, "--weights") if args.weights else None
     device = personal_model(args.model, args.adapter, args.style_token)
