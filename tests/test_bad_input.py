@@ -129,6 +129,15 @@ def test_bad_flags_are_refused_the_same_way(command, message, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_federate_that_fails_leaves_no_run_directory_behind(tmp_path, capsys):
+    out = tmp_path / "run"
+    refused(capsys, main(["federate", "--preset", "tiny", "--data", str(tmp_path / "none"), "--out", str(out)]), "data folder")
+    assert not out.exists()
+    with pytest.raises(SimulationStarted):  # a failure after the directory was made, before a round finished
+        main(["federate", "--preset", "tiny", "--out", str(out)])
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "command",
     [
