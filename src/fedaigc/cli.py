@@ -45,6 +45,13 @@ def _common(p: argparse.ArgumentParser, trains: bool = False, model: bool = Fals
         )
     if trains:
         p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    if model:
+        p.add_argument(
+            "--dtype",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="dtype of the frozen UNet, VAE and text encoder (model.dtype; LoRA weights and style tokens train in float32). "
+            "Default: auto, float32 on the CPU and bfloat16 on a GPU that supports it",
+        )
     if trains or model:
         p.add_argument(
             "--device",
@@ -306,9 +313,9 @@ def _overrides(args, **overrides) -> dict:
 
 def _config(args, **overrides):
     from fedaigc import config
+    from fedaigc.model.recipe import recipe
 
-    values = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in overrides.items()}
-    return config.load(args.preset, args.config, values)
+    return config.load(args.preset, args.config, _overrides(args, **overrides), recipe=recipe(getattr(args, "model", None)))
 
 
 def cmd_data(args) -> None:
@@ -360,7 +367,7 @@ def cmd_generate(args) -> None:
             raise UserError("--server needs --token (or $FEDAIGC_TOKEN)")
         server = InferenceServer(args.server, token)
     weights = _numbers(args.weights, "--weights") if args.weights else None
-    device = personal_model(args.model, args.adapter, args.style_token)
+    device = personal_model(args.model, args.adapter, args.style_token, cfg.model.dtype, cfg.model.resolution)
     prompts = [args.prompt] * args.n
     result = generate(
         device,

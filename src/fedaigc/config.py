@@ -20,6 +20,7 @@ import tomli_w
 import tomllib
 
 from fedaigc.errors import UserError
+from fedaigc.model.recipe import recipe as model_recipe
 
 PRESETS = ("tiny", "demo", "paper")
 
@@ -40,6 +41,8 @@ class ModelConfig:
     attention_head_dim: int = 8
     prompt_length: int = 12  # tokens per prompt for the embedded (MiniLM) text encoder
     text_encoder: str = "minilm"  # "minilm": frozen all-MiniLM-L6-v2; "clip": small CLIP trained with the base
+    dtype: str = "auto"  # frozen UNet, VAE, text encoder: auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16
+    resolution: int = 0  # training and sampling size in pixels; 0 = the model's (UNet sample size x VAE factor)
 
 
 @dataclass
@@ -88,6 +91,8 @@ class ClientConfig:
     embedding_delta: float = 1e-5
     embedding_clip: float = 0.5  # L2 clip of the round's change of the slot (of the embedding in plain mode)
     transfer_dtype: str = "float32"  # LoRA tensors on the wire: float32 | float16 | bfloat16 (math stays float32)
+    micro_batch: int = 0  # images per forward/backward pass, gradients accumulated over the batch; 0 = the whole batch
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in backward: less memory, more time
 
 
 @dataclass
@@ -103,7 +108,8 @@ class FederationConfig:
     server_lr: float = 1.0  # cluster strategy: adapter = start + server_lr x (members' average - start)
     k: int = 0  # number of clusters; 0 = automatic (update: merge_similarity; embedding: silhouette)
     cluster_by: str = "update"  # what clients are clustered by: update (their first round's UNet change) | embedding
-    merge_similarity: float = 0.18  # cluster_by update, k = 0: clients share a cluster at mean update cosine >= this
+    merge_similarity: float = 0.18  # cluster_by update, k = 0, no profiling pass: a cluster while mean update cosine >= this
+    merge_agreement: float = 0.5  # the same with a profiling pass: mean noise-corrected cosine (clustering.reference_similarity)
     profile_steps: int = 40  # cluster_by update: a first round's extra pass at the timestep bias, clustered by; 0 = none
     recluster_every: int = 1  # re-cluster every N rounds (ids stay stable)
     tau: float = 0.1  # temperature of the DED softmax
@@ -122,6 +128,7 @@ class FederationConfig:
     newcomer_start: str = "initial"  # a client's first round starts from: initial (the common start) | global (warm start)
     sampling: str = "uniform"  # of the online clients: uniform | network (the rarely seen first, server/participation.py)
     weighting: str = "plain"  # aggregation weights: plain (∝ examples) | network (∝ examples / participation rate)
+    actors: int = 0  # simulation: client processes at once; 0 = one per CPU core, on a GPU one per GPU for an external model
     seed: int = 0
 
 
@@ -186,9 +193,13 @@ def _merge(obj, values: dict, where: str):
         setattr(obj, key, _typed(value, typing.get_type_hints(type(obj))[key], where + key))
 
 
-def load(preset_name: str, config_file: Path | None = None, overrides: dict | None = None) -> Config:
-    """Preset, then the TOML file, then explicit overrides (nested dicts), each winning over the last."""
+def load(preset_name: str, config_file: Path | None = None, overrides: dict | None = None, recipe: dict | None = None) -> Config:
+    """Preset, then the model's recipe (`fedaigc.model.recipe`: what a Stable Diffusion folder
+    trains and samples with), then the TOML file, then explicit overrides (nested dicts), each
+    winning over the last."""
     cfg = preset(preset_name)
+    if recipe:
+        _merge(cfg, recipe, "")
     if config_file is not None:
         values = read_toml(config_file)
         values.pop("preset", None)
@@ -196,6 +207,7 @@ def load(preset_name: str, config_file: Path | None = None, overrides: dict | No
     if overrides:
         _merge(cfg, overrides, "")
     return validate(cfg)
+
 
 def read_toml(path: Path) -> dict:
     """A TOML file's table, or a UserError naming the file: missing, a directory, not UTF-8, malformed."""
@@ -211,7 +223,6 @@ def read_toml(path: Path) -> dict:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"malformed config file {path}: {e}") from None
-
 
 
 def apply(cfg: Config, values: dict) -> Config:
@@ -234,6 +245,8 @@ def from_run_config(run_config: dict) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"malformed TOML in the run config's 'config': {e}") from None
     cfg = preset(str(values.pop("preset", run_config.get("preset", "demo"))))
+    if run_config.get("model"):
+        _merge(cfg, model_recipe(run_config["model"]), "")
     _merge(cfg, values, "")
     return validate(cfg)
 
@@ -383,6 +396,7 @@ RULES: dict[str, Rule] = {
     "federation.k": at_least(0),  # 0 = automatic
     "federation.cluster_by": one_of(CLUSTER_BY),
     "federation.merge_similarity": within(-1, 1, open_low=True, open_high=True),  # a cosine
+    "federation.merge_agreement": within(-1, 1, open_low=True, open_high=True),  # a noise-corrected cosine
     "federation.profile_steps": at_least(0),  # 0 = no profiling pass
     "federation.recluster_every": at_least(1),
     "federation.tau": above(0),

@@ -47,9 +47,11 @@ class PersonalModel:
         return self.token.get_slot().float() if self.token is not None else None
 
 
-def personal_model(model_dir: Path | None, adapter: Path | None = None, style_token: Path | None = None) -> PersonalModel:
-    """The base model with this device's adapter and private token loaded."""
-    model = load_model(model_dir)
+def personal_model(
+    model_dir: Path | None, adapter: Path | None = None, style_token: Path | None = None, dtype: str = "auto", resolution: int = 0
+) -> PersonalModel:
+    """The base model (`load_model`'s dtype and resolution) with this device's adapter and private token loaded."""
+    model = load_model(model_dir, dtype=dtype, resolution=resolution)
     if adapter is not None:
         attach_lora(model, adapter_spec(adapter))
         load_adapter_file(model, adapter)
