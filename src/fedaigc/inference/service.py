@@ -21,10 +21,12 @@ client that disconnects is dropped from its batch at the next denoising step.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import secrets
 import statistics
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -107,6 +109,17 @@ def _non_finite() -> HTTPException:
     return HTTPException(422, "these prompt states drive the model to non-finite values")
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim). glibc keeps what a batch's
+    activations and the request bodies freed in its per-thread arenas: without this, the
+    server's RSS stays at its peak after a burst. Called when the queue runs empty."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
 class DenoiseEngine:
     """Collects requests for a short window, groups them by schedule and runs each group as one
     batch in a worker thread (the event loop keeps accepting requests meanwhile). A batch runs
@@ -164,6 +177,8 @@ class DenoiseEngine:
                             job.done.set_result(out)
                         else:
                             job.done.set_exception(_non_finite())
+            if self.queue.empty():
+                await loop.run_in_executor(self.executor, give_back_memory)
 
     def _batches(self, jobs: list[Job]) -> list[list[Job]]:
         groups: dict[tuple, list[Job]] = {}
