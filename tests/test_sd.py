@@ -2,10 +2,17 @@
 files only, SD-2-style v-prediction; the files a run writes opened by diffusers' own pipeline."""
 
 import json
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 from sd_tiny import write_tiny_sd
 
@@ -13,6 +20,7 @@ from fedaigc import config
 from fedaigc.cli import main
 from fedaigc.client.train import LocalClient
 from fedaigc.errors import UserError
+from fedaigc.inference.auth import write_new_tokens
 from fedaigc.inference.device import generate, personal_model
 from fedaigc.model.base import load_model
 from fedaigc.model.recipe import EXTERNAL_RECIPE
@@ -114,8 +122,6 @@ def test_generate_on_an_fp16_folder(sd_folders, tmp_path, dtype):
     out = tmp_path / "x.png"
     args = ["generate", "--preset", "tiny", "--model", str(sd_folders["fp16"]), "--dtype", dtype]
     assert main(args + ["--prompt", "a picture of a star", "--out", str(out)]) == 0
-    from PIL import Image
-
     with Image.open(out) as im:
         assert im.size == (16, 16)  # the model's resolution
 
@@ -136,8 +142,6 @@ def test_federate_on_an_fp16_folder_trains_at_the_models_resolution_with_its_rec
     assert metrics["rounds"][0]["rejected"] == {} and len(metrics["rounds"][0]["clusters"]) == 2
     cfg = config.from_saved(sd_run / "config.toml")
     assert cfg.client.timestep_bias == 1.0 and cfg.sample.guidance == 7.5 and cfg.client.lr == 0.03  # recipe, then the file
-    from PIL import Image
-
     with Image.open(sd_run / "samples" / "client_0" / "0000.png") as im:
         assert im.size == (16, 16)  # sampled at the model's 16 px, not the data's 32
 
@@ -170,3 +174,48 @@ def test_a_runs_own_files_load_in_the_plain_pipeline_and_make_fedaigcs_image(sd_
     assert (theirs - mine).abs().max() <= 1e-4
     plain = personal_model(root, None, token_file, dtype="float32")  # the adapter changes the image
     assert (generate(plain, ["a <style> of a star"], 7, steps, guidance).images - mine).abs().max() > 1e-3
+
+
+def _serve(sd_root, adapters, tokens, dtype):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "fedaigc", "serve", "--model", str(sd_root), "--adapters", str(adapters)]
+    cmd += ["--tokens", str(tokens), "--port", str(port), "--dtype", dtype]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"fedaigc serve did not come up:\n{proc.stderr.read()}")
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_serve_and_hybrid_generate_on_the_sd_run(sd_run, sd_folders, tmp_path, dtype):
+    """16 images through `fedaigc serve` on the SD folder: the device splits them to the service's
+    limits, and in float32 the hybrid image is the local one (up to PNG rounding)."""
+    tokens = tmp_path / "tokens.txt"
+    token = write_new_tokens(tokens, 1)["client-0"]
+    proc, url = _serve(sd_folders["fp16"], sd_run / "adapters", tokens, dtype)
+    try:
+        args = ["generate", "--preset", "tiny", "--model", str(sd_folders["fp16"]), "--dtype", "float32"]
+        args += ["--adapter", str(sd_run / "adapters" / "client_0.safetensors"), "--prompt", "a picture of a star"]
+        assert main([*args, "--n", "16", "--server", url, "--token", token, "--out", str(tmp_path / "h16.png")]) == 0
+        assert main([*args, "--server", url, "--token", token, "--weights", "1", "--out", str(tmp_path / "h.png")]) == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert main([*args, "--out", str(tmp_path / "local.png")]) == 0
+    hybrid = np.asarray(Image.open(tmp_path / "h.png"), dtype=np.int16)
+    local = np.asarray(Image.open(tmp_path / "local.png"), dtype=np.int16)
+    assert hybrid.shape == (16, 16, 3)
+    if dtype == "float32":  # the one cluster's adapter on the server, the client's (the same) on the device
+        assert np.abs(hybrid - local).max() <= 1
+    else:  # bfloat16 server steps: close, not equal
+        assert np.abs(hybrid - local).mean() < 8

@@ -15,6 +15,9 @@ from fedaigc.errors import RunFailed, UserError
 log = logging.getLogger("fedaigc")
 
 
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -48,7 +51,7 @@ def _common(p: argparse.ArgumentParser, trains: bool = False, model: bool = Fals
     if model:
         p.add_argument(
             "--dtype",
-            choices=["auto", "float32", "bfloat16", "float16"],
+            choices=DTYPE_CHOICES,
             help="dtype of the frozen UNet, VAE and text encoder (model.dtype; LoRA weights and style tokens train in float32). "
             "Default: auto, float32 on the CPU and bfloat16 on a GPU that supports it",
         )
@@ -151,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         metavar="NAME",
         help="where the model runs: auto, cpu, cuda or cuda:N (default: $FEDAIGC_DEVICE, else auto: the GPU if torch sees one)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the model's networks and adapters (default: auto, float32 on the CPU, bfloat16 on a GPU that supports it)",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port, 1-65535 (default: 8000)")
@@ -419,7 +428,7 @@ def cmd_serve(args) -> None:
         raise UserError("--clusters sets the scope of --new-tokens; edit a tokens file's lines to change existing ones")
     limits = _serve_limits(args)
     clients = read_tokens(args.tokens)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     mixer = ClusterMixer(model, args.adapters) if args.adapters else None
     app = create_app(model, mixer, TokenStore(clients), limits, docs=args.docs)
     adapters = ", ".join(mixer.names) if mixer else "none (base model)"
