@@ -92,7 +92,7 @@ def test_the_rounds_timestep_bias_is_the_one_trained_with(sketch_client, one_thr
     assert not torch.equal(slot_after(1.0), slot_after(3.0))  # the same noise and batches, other timesteps
 
 
-def test_a_profiling_pass_is_the_rounds_update_of_before_and_the_round_restarts_from_the_start(sketch_client, one_thread):
+def test_the_profiling_pass_then_its_repeat_then_the_round_each_from_the_start(sketch_client, one_thread):
     def round_(**kwargs):
         return sketch_client.train_round(None, None, 3, torch.Generator().manual_seed(0), **kwargs)
 
@@ -100,14 +100,18 @@ def test_a_profiling_pass_is_the_rounds_update_of_before_and_the_round_restarts_
     biased, uniform = round_(timestep_bias=2.0), round_(timestep_bias=1.0)
     unet = {k: v for k, v in biased.lora.items() if k.startswith("unet.")}
     assert profiled.profile.keys() == unet.keys() and all(torch.equal(profiled.profile[k], unet[k]) for k in unet)
-    assert biased.profile is None and uniform.profile is None
-    # the round itself: from the start again (not on top of the pass), uniform, the generator's next draws
+    assert biased.profile is None and uniform.profile is None and biased.profile_repeat is None
+    # the repeated pass and then the round itself: each from the start again (not on top of the pass
+    # before), the generator's next draws, the round uniform
     generator = torch.Generator().manual_seed(0)
-    for bias in (2.0, 1.0):
+    passes = []
+    for bias in (2.0, 2.0, 1.0):
         sketch_client.load(None, None)
         sketch_client.fine_tune(3, generator, bias)
-    after = get_adapter(sketch_client.model)
-    assert all(torch.equal(profiled.lora[k], after[k]) for k in after)
+        passes.append(get_adapter(sketch_client.model))
+    assert all(torch.equal(profiled.profile_repeat[k], passes[1][k]) for k in unet)
+    assert not torch.equal(profiled.profile_repeat[next(iter(unet))], profiled.profile[next(iter(unet))])
+    assert all(torch.equal(profiled.lora[k], passes[2][k]) for k in passes[2])
     assert not torch.equal(profiled.lora[next(iter(unet))], uniform.lora[next(iter(unet))])
 
 

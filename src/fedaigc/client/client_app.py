@@ -152,6 +152,8 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
         )
         if upload.profile is not None:
             reply["profile"] = ArrayRecord(to_wire(upload.profile, wire))
+        if upload.profile_repeat is not None:
+            reply["profile-repeat"] = ArrayRecord(to_wire(upload.profile_repeat, wire))
         return Message(content=reply, reply_to=msg)
 
     @app.query()

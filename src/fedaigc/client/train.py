@@ -33,6 +33,7 @@ class Upload:
     embedding: torch.Tensor  # the encoded task: pooled text-encoder output of the rewritten prompts
     train_loss: float
     profile: Adapter | None = None  # UNet LoRA after a profiling pass, when the server asks for one (docs/method.md)
+    profile_repeat: Adapter | None = None  # the same pass once more from the same start: the server's noise reference
 
 
 def style_prompt(style_word: str, cls: str) -> str:
@@ -178,15 +179,16 @@ class LocalClient:
         profile_steps: int = 0,
         profile_bias: float | None = None,
     ) -> Upload:
-        """With `profile_steps`, a profiling pass comes first: that many steps at `profile_bias` from
-        the same start, whose UNet LoRA becomes the upload's `profile` (what the server clusters the
-        client by) and is then thrown away; the round's own training starts from the start again."""
-        profile = None
-        if profile_steps:
+        """With `profile_steps`, a profiling pass comes first, twice: that many steps at `profile_bias`
+        from the same start, drawing on in `generator`; the UNet LoRAs become the upload's `profile` and
+        `profile_repeat` (what the server clusters the client by, and how far two passes over the same
+        images differ) and are then thrown away; the round's own training starts from the start again."""
+        profiles = []
+        for _ in range(2 if profile_steps else 0):
             self.load(adapter, slot, base_delta)
             self.fine_tune(profile_steps, generator, profile_bias)
-            profile = {k: v for k, v in get_adapter(self.model).items() if k.startswith("unet.")}
+            profiles.append({k: v for k, v in get_adapter(self.model).items() if k.startswith("unet.")})
         self.load(adapter, slot, base_delta)
         upload = self.make_upload(self.fine_tune(steps, generator, timestep_bias), generator)
-        upload.profile = profile
+        upload.profile, upload.profile_repeat = profiles or (None, None)
         return upload

@@ -70,22 +70,63 @@ def cluster(
     return best
 
 
+def reference_similarity(gram: np.ndarray) -> np.ndarray:
+    """Noise-corrected cosines between n clients from the 2n x 2n Gram matrix of two profiling passes
+    per client (rows 0..n-1 the first passes, n..2n-1 the second, same start, independent noise).
+
+    With pass = m_i + noise, the mean of a client's two passes P_i gives E⟨P_i, P_j⟩ = ⟨m_i, m_j⟩ and
+    its two passes E⟨A_i, B_i⟩ = ‖m_i‖²: so ρ_ij = ⟨P_i, P_j⟩ / √(⟨A_i, B_i⟩⟨A_j, B_j⟩) estimates the
+    cosine between what the two clients' data teach, with the training noise taken out, on a scale
+    where a client's agreement with itself is 1 (Spearman's correction for attenuation). A raw cosine's
+    scale moves with how noisy a data set's updates are; this one does not. Clipped to [-1, 1]; a
+    client whose two passes do not agree at all (⟨A_i, B_i⟩ <= 0) has no reproducible direction and
+    gets -1 to everyone (a cluster of its own)."""
+    g = np.asarray(gram, dtype=np.float64)
+    n = len(g) // 2
+    if g.shape != (2 * n, 2 * n):
+        raise ValueError(f"reference_similarity: expected the Gram matrix of two passes per client, got shape {g.shape}")
+    a, ab, b = g[:n, :n], g[:n, n:], g[n:, n:]
+    mean = (a + b + ab + ab.T) / 4  # Gram of the clients' mean passes
+    signal = np.diag(ab)
+    rho = np.full((n, n), -1.0)
+    ok = signal > 0
+    rho[np.ix_(ok, ok)] = mean[np.ix_(ok, ok)] / np.sqrt(np.outer(signal[ok], signal[ok]))
+    np.fill_diagonal(rho, 1.0)
+    return np.clip(rho, -1.0, 1.0)
+
+
+def cluster_similarity(similarity: np.ndarray, threshold: float | None = None, k: int | None = None) -> np.ndarray:
+    """Labels 0..K-1 by average linkage on a precomputed similarity: `k` clusters, or clusters merge
+    while the mean similarity between their members reaches `threshold`."""
+    s = np.asarray(similarity, dtype=np.float64)
+    if len(s) == 1 or k == 1:
+        return np.zeros(len(s), dtype=int)
+    cut = {"n_clusters": min(k, len(s))} if k is not None else {"n_clusters": None, "distance_threshold": 1.0 - threshold}
+    return AgglomerativeClustering(metric="precomputed", linkage="average", **cut).fit_predict(1.0 - s)
+
+
 def join(newcomers: np.ndarray, members: np.ndarray, labels: np.ndarray, threshold: float, fresh: int) -> list[tuple[int, float]]:
-    """Newcomers' clusters by `cluster`'s own rule, average linkage on raw cosine, without moving
-    anyone else: one after the other, a newcomer joins the cluster whose members it is most similar
-    to on average if that mean cosine is at least `threshold` (the similarity at which `cluster`
-    would merge it), else it starts a new cluster (ids from `fresh` on), and later newcomers count
-    it as a member. The mean of cosines, not the cosine to the centroid: that one is the mean
-    divided by the centroid's length (< 1), so it grows with how spread a cluster is and lets in
-    newcomers that the clustering would have kept apart. Returns (cluster id, mean cosine to the
-    most similar cluster) per newcomer."""
-    x, y = normalize(np.asarray(members, dtype=np.float64)), normalize(np.asarray(newcomers, dtype=np.float64))
-    groups = {int(k): list(x[labels == k]) for k in np.unique(labels)}
+    """`join_similarity` on raw cosines between the members' and the newcomers' vectors."""
+    x = normalize(np.concatenate([np.asarray(members, dtype=np.float64), np.asarray(newcomers, dtype=np.float64)]))
+    return join_similarity(x @ x.T, labels, threshold, fresh)
+
+
+def join_similarity(similarity: np.ndarray, labels: np.ndarray, threshold: float, fresh: int) -> list[tuple[int, float]]:
+    """Newcomers' clusters by `cluster`'s own rule, average linkage, without moving anyone else:
+    `similarity` is over the n clustered clients (`labels`) then the newcomers. One after the other,
+    a newcomer joins the cluster whose members it is most similar to on average if that mean is at
+    least `threshold` (the similarity at which the clustering would merge it), else it starts a new
+    cluster (ids from `fresh` on), and later newcomers count it as a member. The mean of cosines, not
+    the cosine to the centroid: that one is the mean divided by the centroid's length (< 1), so it
+    grows with how spread a cluster is and lets in newcomers that the clustering would have kept
+    apart. Returns (cluster id, mean similarity to the most similar cluster) per newcomer."""
+    s = np.asarray(similarity, dtype=np.float64)
+    groups = {int(k): list(np.flatnonzero(labels == k)) for k in np.unique(labels)}
     out = []
-    for v in y:
-        similarity = {k: float(np.mean(np.stack(m) @ v)) for k, m in groups.items()}
-        nearest = max(similarity, key=similarity.get)
-        best = similarity[nearest]
+    for v in range(len(labels), len(s)):
+        mean = {k: float(np.mean(s[v, m])) for k, m in groups.items()}
+        nearest = max(mean, key=mean.get)
+        best = mean[nearest]
         if best < threshold:
             nearest, fresh = fresh, fresh + 1
         groups.setdefault(nearest, []).append(v)

@@ -109,7 +109,8 @@ class ClusterStrategy(Strategy):
             extra = c["extra"].to_torch_state_dict()
             lora = c["lora"].to_torch_state_dict()
             profile = c["profile"].to_torch_state_dict() if "profile" in c else {}
-            up_bytes[cid] = bytes_of(lora) + bytes_of(extra) + bytes_of(profile)  # as they travelled
+            repeat = c["profile-repeat"].to_torch_state_dict() if "profile-repeat" in c else {}
+            up_bytes[cid] = bytes_of(lora) + bytes_of(extra) + bytes_of(profile) + bytes_of(repeat)  # as they travelled
             extra, lora = from_wire(extra), from_wire(lora)  # the server's state and math stay float32
             uploads[cid] = Upload(
                 lora,
@@ -118,6 +119,7 @@ class ClusterStrategy(Strategy):
                 extra["embedding"],
                 float(m["train-loss"]),
                 from_wire(profile) if profile else None,
+                from_wire(repeat) if repeat else None,
             )
         if not uploads:
             raise RunFailed(f"round {server_round}: no client returned an update (see the client errors above)")

@@ -20,13 +20,26 @@ from fedaigc.config import FederationConfig
 from fedaigc.errors import UserError
 from fedaigc.server import aggregation as agg
 from fedaigc.server import defense
-from fedaigc.server.clustering import centroids, cluster, join, match_ids, place
+from fedaigc.server.clustering import (
+    centroids,
+    cluster,
+    cluster_similarity,
+    join_similarity,
+    match_ids,
+    normalize,
+    place,
+    reference_similarity,
+)
 
 
 def join_threshold(cfg: FederationConfig) -> float:
-    """The similarity a newcomer needs to join a cluster between re-clusterings: by updates the mean
-    cosine to its members (`clustering.join`), by embeddings the centred cosine to its centroid (`clustering.place`)."""
-    return cfg.merge_similarity if cfg.cluster_by == "update" else cfg.join_threshold
+    """The similarity at which clients share a cluster by updates, and the one a newcomer needs to join
+    a cluster between re-clusterings: by updates the mean noise-corrected cosine to its members
+    (`merge_agreement`, with the profiling pass and its repeat) or the mean raw cosine (`merge_similarity`,
+    without a pass; `clustering.join_similarity`), by embeddings the centred cosine to its centroid (`clustering.place`)."""
+    if cfg.cluster_by == "embedding":
+        return cfg.join_threshold
+    return cfg.merge_agreement if cfg.profile_steps else cfg.merge_similarity
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Aggregator:
         self.profile_examples: dict[int, float] = {}
         # cluster_by "update": the factors of what each client's first accepted round changed in the UNet
         self.changes: dict[int, Adapter] = {}
+        self.repeats: dict[int, Adapter] = {}  # and of the repeat of its profiling pass (the noise reference)
         self.centroids: dict[int, np.ndarray] = {}  # cluster -> mean profile of its members
         self.cluster_adapters: dict[int, Adapter] = {}
         self.cluster_slots: dict[int, torch.Tensor] = {}
@@ -144,11 +158,17 @@ class Aggregator:
         """{client: reason} for the clients asked for a profiling pass whose profile is missing or
         malformed (the names and shapes of the UNet part of the adapter, finite, norm as `screen`)."""
         asked = [c for c in cids if self.profile_steps(c)]
-        missing = {c: "no profile (the server asked for a profiling pass)" for c in asked if uploads[c].profile is None}
+        missing = {
+            c: "no profile (the server asked for a profiling pass and its repeat)"
+            for c in asked
+            if uploads[c].profile is None or uploads[c].profile_repeat is None
+        }
         unet = {k: v for k, v in self.reference.items() if k.startswith("unet.")}
-        profiles = {str(c): uploads[c].profile for c in asked if c not in missing}
-        _, bad = agg.screen(profiles, unet, self.cfg.norm_factor)
-        return missing | {int(c): f"profile: {reason}" for c, reason in bad.items()}
+        bad: dict[str, str] = {}
+        for name in ("profile", "profile_repeat"):
+            profiles = {str(c): getattr(uploads[c], name) for c in asked if c not in missing and str(c) not in bad}
+            bad |= {c: f"{name}: {reason}" for c, reason in agg.screen(profiles, unet, self.cfg.norm_factor)[1].items()}
+        return missing | {int(c): reason for c, reason in bad.items()}
 
     def _one_cluster(self, cids: list[int], uploads: dict[int, Upload], examples: dict[int, float]) -> None:
         weights = [examples[c] for c in cids]
@@ -201,9 +221,11 @@ class Aggregator:
             if self.cfg.cluster_by == "update":
                 profile = uploads[c].profile if uploads[c].profile is not None else uploads[c].lora
                 self.changes[c] = agg.change(profile, sent[c])
+                if uploads[c].profile_repeat is not None:
+                    self.repeats[c] = agg.change(uploads[c].profile_repeat, sent[c])
         if not self.assignment or (server_round - 1) % max(1, self.cfg.recluster_every) == 0:
             known = sorted(self.profiles)
-            labels = dict(zip(known, (int(x) for x in self._cluster(self._features(known))), strict=True))
+            labels = dict(zip(known, (int(x) for x in self._cluster(known)), strict=True))
             mapping, parents = match_ids(self.assignment, labels)
             self.assignment = {c: mapping[x] for c, x in labels.items()}
             for k, parent in parents.items():  # a split cluster's other half starts from its adapter too
@@ -249,14 +271,23 @@ class Aggregator:
             return self._profiles(cids)[0]
         return agg.gram_points(agg.gram([self.changes[c] for c in cids]))
 
-    def _cluster(self, features: np.ndarray) -> np.ndarray:
-        """By updates: raw cosines (an update's direction means the same whoever else is in the
-        federation), K fixed or where average linkage reaches `merge_similarity`. By embeddings:
-        centred cosines (every slot starts from the same word), K fixed or silhouette-best."""
+    def _similarity(self, cids: list[int]) -> np.ndarray:
+        """By updates, between the clients' first rounds' UNet changes: noise-corrected cosines of
+        their profiling passes and repeats (`clustering.reference_similarity`) when every one sent a
+        repeat, else raw cosines. Never centred: an update's direction means the same whoever else is
+        in the federation."""
+        if all(c in self.repeats for c in cids):
+            return reference_similarity(agg.gram([self.changes[c] for c in cids] + [self.repeats[c] for c in cids]).numpy())
+        x = normalize(self._features(cids))
+        return x @ x.T
+
+    def _cluster(self, cids: list[int]) -> np.ndarray:
+        """By updates: average linkage on `_similarity`, K fixed or cut where it reaches `join_threshold`.
+        By embeddings: centred cosines (every slot starts from the same word), K fixed or silhouette-best."""
         k = self.cfg.k or None
         if self.cfg.cluster_by == "embedding":
-            return cluster(features, k=k)
-        return cluster(features, k=k, distance_threshold=None if k else 1.0 - self.cfg.merge_similarity, center=False)
+            return cluster(self._features(cids), k=k)
+        return cluster_similarity(self._similarity(cids), None if k else join_threshold(self.cfg), k)
 
     def _place(self, first: list[int], report: RoundReport) -> None:
         """Between re-clusterings: the clients seen for the first time join the cluster nearest their
@@ -268,9 +299,8 @@ class Aggregator:
             placed = place([self.profiles[c] for c in first], self.centroids, shares, join_threshold(self.cfg), fresh)
         else:
             known = sorted(self.assignment)
-            features = self._features(known + first)
             labels = np.array([self.assignment[c] for c in known])
-            placed = join(features[len(known) :], features[: len(known)], labels, join_threshold(self.cfg), fresh)
+            placed = join_similarity(self._similarity(known + first), labels, join_threshold(self.cfg), fresh)
         for c, (k, similarity) in zip(first, placed, strict=True):
             self.assignment[c], report.placed[c] = k, similarity
 
@@ -327,6 +357,8 @@ class Aggregator:
             tensors["profiles"] = torch.from_numpy(np.stack([self.profiles[c] for c in sorted(self.profiles)])).float()
         for c, ad in self.changes.items():
             tensors |= {f"change.{c}.{name}": t for name, t in ad.items()}
+        for c, ad in self.repeats.items():
+            tensors |= {f"repeat.{c}.{name}": t for name, t in ad.items()}
         meta = {
             "assignment": {str(c): k for c, k in self.assignment.items()},
             "profile_examples": {str(c): n for c, n in sorted(self.profile_examples.items())},
@@ -343,7 +375,7 @@ class Aggregator:
         rows = tensors["profiles"].double().numpy() if "profiles" in tensors else np.zeros((0, 0))
         self.profiles = dict(zip(sorted(self.profile_examples), rows, strict=True))
         self.cluster_adapters, self.cluster_slots, self.own, self.global_adapter = {}, {}, {}, None
-        self.changes = {}
+        self.changes, self.repeats = {}, {}
         own_slots: dict[int, torch.Tensor] = {}
         own: dict[int, Adapter] = {}
         for key, t in tensors.items():
@@ -360,9 +392,9 @@ class Aggregator:
                 own.setdefault(int(c), {})[name] = t
             elif kind == "ownslot":
                 own_slots[int(rest)] = t
-            elif kind == "change":
+            elif kind in ("change", "repeat"):
                 c, name = rest.split(".", 1)
-                self.changes.setdefault(int(c), {})[name] = t
+                (self.changes if kind == "change" else self.repeats).setdefault(int(c), {})[name] = t
             elif kind == "global":
                 self.global_adapter = self.global_adapter or {}
                 self.global_adapter[rest] = t
