@@ -313,6 +313,7 @@ def test_serve_new_tokens_prints_them_once_and_refuses_bad_counts_and_ports(tmp_
         (["--new-tokens", "1", "--clusters", "a"], "--clusters"),
         (["--port", "99999"], "--port must be in 1-65535"),
         (["--rate", "nan"], "--rate"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
     ]:
         target = path if message == "exists" else tmp_path / "new.txt"
         assert main(["serve", "--tokens", str(target), *args]) == 2
@@ -540,7 +541,8 @@ def test_hybrid_generate_on_an_sd_layout_folder(tmp_path):
     with serving(create_app(served, ClusterMixer(served, adapters), {FULL: "sd"})) as url:
         args = ["generate", "--preset", "tiny", "--model", str(root), "--adapter", str(adapters / "cluster_0.safetensors")]
         args += ["--prompt", "a star", "--seed", "3", "--steps", "6", "--n", "2"]
-        assert main([*args, "--server", url, "--token", FULL, "--split", "0.5", "--out", str(tmp_path / "hybrid.png")]) == 0
+        hybrid_args = ["--server", url, "--token", FULL, "--split", "0.5", "--send-dtype", "float16"]
+        assert main([*args, *hybrid_args, "--out", str(tmp_path / "hybrid.png")]) == 0
         metrics = httpx.get(f"{url}/metrics", headers=_auth(FULL)).json()
     assert main([*args, "--out", str(tmp_path / "local.png")]) == 0
     hybrid = np.asarray(Image.open(tmp_path / "hybrid.png"), dtype=np.int16)
