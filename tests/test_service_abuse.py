@@ -494,7 +494,7 @@ def tensors(draw, dim: int):
     return save_tensors(out)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_the_service_no_5xx_no_bad_latent_healthy_after(mixed, data):
     url, model = mixed
