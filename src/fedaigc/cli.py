@@ -456,7 +456,7 @@ def _serve_limits(args):
         "--max-body-kb": (args.max_body_kb, args.max_body_kb >= 1),
         "--max-split": (args.max_split, 0 <= args.max_split <= 1),
         "--max-server-steps": (args.max_server_steps, args.max_server_steps >= 0),
-        "--max-queued-images": (args.max_queued_images, args.max_queued_images >= 1),
+        "--max-queued-images": (args.max_queued_images, args.max_queued_images >= Limits.max_images),  # one full request
         "--rate": (args.rate, args.rate > 0),
         "--read-timeout": (args.read_timeout, args.read_timeout > 0),
     }
@@ -469,7 +469,7 @@ def _serve_limits(args):
         window_s=args.window_ms / 1000,
         max_split=args.max_split,
         max_server_steps=args.max_server_steps,
-        max_queued_images=max(args.max_queued_images, args.max_batch),
+        max_queued_images=args.max_queued_images,
         rate_per_token=args.rate,
         burst_per_token=max(1, round(2 * args.rate)),
         read_timeout_s=args.read_timeout,
