@@ -86,7 +86,8 @@ def big_bodies(url: str, token: str, n: int = 32, size: int = 1 << 20) -> list[i
     """`n` concurrent bodies of `size` bytes that are not safetensors (each read whole, then refused)."""
 
     def one(_):
-        return httpx.post(f"{url}/v1/denoise", headers={"Authorization": f"Bearer {token}"}, content=os.urandom(size), timeout=120)
+        auth = {"Authorization": f"Bearer {token}"}
+        return httpx.post(f"{url}/v1/denoise", headers=auth, content=os.urandom(size), timeout=120)
 
     with ThreadPoolExecutor(n) as pool:
         return sorted({r.status_code for r in pool.map(one, range(n))})
