@@ -41,16 +41,18 @@ from fedaigc.inference.device import InferenceServer, PersonalModel, generate, p
 SPLITS = (0.0, 0.1, 0.2, 0.3, 0.4)
 
 
-def start_service(run: Path, tokens: Path, model: Path | None) -> tuple[subprocess.Popen, str]:
-    """`fedaigc serve` on a free port with the tokens file `tokens` (written by the caller)."""
+def start_service(tokens: Path, model: Path | None = None, adapters: Path | None = None, flags=()):
+    """`fedaigc serve` on a free port with the tokens file `tokens` (written by the caller), a run's
+    `adapters` folder (None: the base model) and any further `flags`; returns (process, URL) once
+    /healthz answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "fedaigc", "-q", "serve", "--adapters", str(run / "adapters"), "--tokens", str(tokens)]
-    cmd += ["--port", str(port), "--max-split", "1"] + (["--model", str(model)] if model else [])
+    cmd = [sys.executable, "-m", "fedaigc", "-q", "serve", "--tokens", str(tokens), "--port", str(port), *flags]
+    cmd += (["--model", str(model)] if model else []) + (["--adapters", str(adapters)] if adapters else [])
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    for _ in range(600):
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return proc, url
@@ -178,7 +180,7 @@ def main() -> None:
     tokens = args.out / "tokens.txt"
     tokens.unlink(missing_ok=True)  # the file keeps only hashes: fresh tokens for every run of the benchmark
     token_list = list(write_new_tokens(tokens, 16).values())
-    proc, url = start_service(args.run, tokens, model_dir)
+    proc, url = start_service(tokens, model_dir, args.run / "adapters", ["--max-split", "1"])
     devices = {
         int(c): personal_model(
             model_dir,

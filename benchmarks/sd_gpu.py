@@ -191,7 +191,7 @@ def measure_hybrid(cfg: config.Config, sd: Path, run: Path, tmp: Path) -> None:
     """Part 3: the service's images/s for 16 images, from 1 user and from 16 concurrent users."""
     tokens_file = tmp / "tokens.txt"
     token = next(iter(write_new_tokens(tokens_file, 1).values()))
-    proc, url = start_service(run, tokens_file, sd)
+    proc, url = start_service(tokens_file, sd, run / "adapters")
     try:
         device = personal_model(sd, run / "adapters" / "client_0.safetensors", None, cfg.model.dtype)
         cond, uncond = device.encode([f"a picture of a {CLASSES[i % len(CLASSES)]}" for i in range(16)])

@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from hybrid_inference import start_service  # benchmarks/ is on the path as a script
 from safetensors.torch import save as save_tensors
 
 from fedaigc.inference.auth import write_new_tokens
@@ -36,23 +34,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def start(model: Path | None, tokens: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "fedaigc", "-q", "serve", "--tokens", str(tokens), "--port", str(port), "--rate", "1000"]
-    proc = subprocess.Popen(cmd + (["--model", str(model)] if model else []))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("fedaigc serve did not start")
 
 
 def load_level(url: str, tokens: list[str], body: bytes, users: int, per_user: int) -> dict:
@@ -103,7 +84,7 @@ def main() -> None:
     body = save_tensors({"cond": model.encode_prompts(["a picture of a star"]), "uncond": model.encode_prompts([""])})
     with tempfile.TemporaryDirectory() as tmp:
         tokens = list(write_new_tokens(Path(tmp) / "tokens.txt", max(USERS)).values())
-        proc, url = start(args.model, Path(tmp) / "tokens.txt")
+        proc, url = start_service(Path(tmp) / "tokens.txt", args.model, flags=["--rate", "1000"])
         try:
             result = {"rss_mb_start": rss_mb(proc.pid)}
             load_level(url, tokens, body, 1, 2)  # warm-up

@@ -1,10 +1,6 @@
 """Hybrid inference: the split sampler, per-request cluster mixtures, the service and the device."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +13,7 @@ import uvicorn
 from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from serving import free_port, running_service
 
 from fedaigc.cli import main
 from fedaigc.client.adapter import LoraSpec, attach_lora, expected_shapes, save_adapter, set_adapter
@@ -114,36 +111,14 @@ def _file(path):
     return read_adapter_file(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, cluster_run, tmp_path_factory):
     """`fedaigc serve` as a user starts it, on a random port, with a small body limit."""
     tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     token = write_new_tokens(tokens, 2)["client-0"]
-    port = _free_port()
-    cmd = [sys.executable, "-m", "fedaigc", "serve", "--model", str(tiny_model_dir), "--adapters", str(cluster_run)]
-    cmd += ["--tokens", str(tokens), "--port", str(port), "--max-body-kb", "64", "--window-ms", "50"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"fedaigc serve did not come up:\n{proc.stdout.read()}")
-        time.sleep(0.3)
-    yield url, token
-    proc.terminate()
-    proc.wait(timeout=20)
+    args = ["--model", str(tiny_model_dir), "--adapters", str(cluster_run), "--tokens", str(tokens)]
+    with running_service(*args, "--max-body-kb", "64", "--window-ms", "50") as url:
+        yield url, token
 
 
 def test_generate_through_the_service_at_split_0_3(service, tiny_model_dir, cluster_run, tmp_path):
@@ -201,7 +176,7 @@ def test_concurrent_requests_are_batched_and_match_single_runs(tiny_model_dir, c
     model = load_model(tiny_model_dir)
     mixer = ClusterMixer(model, cluster_run)
     token = "t" * 20
-    port = _free_port()
+    port = free_port()
     app = create_app(model, mixer, {token: "client-0"}, Limits(window_s=0.3))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="none", log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

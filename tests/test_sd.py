@@ -2,12 +2,7 @@
 files only, SD-2-style v-prediction; the files a run writes opened by diffusers' own pipeline."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,6 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from sd_tiny import write_tiny_sd
+from serving import running_service
 
 from fedaigc import config
 from fedaigc.cli import main
@@ -176,41 +172,18 @@ def test_a_runs_own_files_load_in_the_plain_pipeline_and_make_fedaigcs_image(sd_
     assert (generate(plain, ["a <style> of a star"], 7, steps, guidance).images - mine).abs().max() > 1e-3
 
 
-def _serve(sd_root, adapters, tokens, dtype):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "fedaigc", "serve", "--model", str(sd_root), "--adapters", str(adapters)]
-    cmd += ["--tokens", str(tokens), "--port", str(port), "--dtype", dtype]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"fedaigc serve did not come up:\n{proc.stderr.read()}")
-        time.sleep(0.3)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_serve_and_hybrid_generate_on_the_sd_run(sd_run, sd_folders, tmp_path, dtype):
     """16 images through `fedaigc serve` on the SD folder: the device splits them to the service's
     limits, and in float32 the hybrid image is the local one (up to PNG rounding)."""
     tokens = tmp_path / "tokens.txt"
     token = write_new_tokens(tokens, 1)["client-0"]
-    proc, url = _serve(sd_folders["fp16"], sd_run / "adapters", tokens, dtype)
-    try:
-        args = ["generate", "--preset", "tiny", "--model", str(sd_folders["fp16"]), "--dtype", "float32"]
-        args += ["--adapter", str(sd_run / "adapters" / "client_0.safetensors"), "--prompt", "a picture of a star"]
+    serve = ["--model", str(sd_folders["fp16"]), "--adapters", str(sd_run / "adapters"), "--tokens", str(tokens)]
+    args = ["generate", "--preset", "tiny", "--model", str(sd_folders["fp16"]), "--dtype", "float32"]
+    args += ["--adapter", str(sd_run / "adapters" / "client_0.safetensors"), "--prompt", "a picture of a star"]
+    with running_service(*serve, "--dtype", dtype) as url:
         assert main([*args, "--n", "16", "--server", url, "--token", token, "--out", str(tmp_path / "h16.png")]) == 0
         assert main([*args, "--server", url, "--token", token, "--weights", "1", "--out", str(tmp_path / "h.png")]) == 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     assert main([*args, "--out", str(tmp_path / "local.png")]) == 0
     hybrid = np.asarray(Image.open(tmp_path / "h.png"), dtype=np.int16)
     local = np.asarray(Image.open(tmp_path / "local.png"), dtype=np.int16)
