@@ -192,3 +192,18 @@ def test_serve_and_hybrid_generate_on_the_sd_run(sd_run, sd_folders, tmp_path, d
         assert np.abs(hybrid - local).max() <= 1
     else:  # bfloat16 server steps: close, not equal
         assert np.abs(hybrid - local).mean() < 8
+
+
+def test_client_actors_on_a_gpu_hold_one_sd_copy_per_gpu(monkeypatch, sd_folders, tiny_model_dir):
+    """How many Ray actors (each one model copy) the simulation starts, and their GPU share."""
+    from fedaigc.server import federate
+
+    cfg = config.load("demo")  # 8 clients
+    monkeypatch.setattr(federate.os, "cpu_count", lambda: 16)
+    assert federate.client_actors(cfg, sd_folders["fp16"]) == (8, 0.0)  # CPU: one per core, up to the clients
+    monkeypatch.setattr(federate, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(federate.torch.cuda, "device_count", lambda: 2)
+    assert federate.client_actors(cfg, sd_folders["fp16"]) == (2, 1.0)  # an SD folder: one actor per GPU
+    assert federate.client_actors(cfg, tiny_model_dir) == (8, 0.25)  # the embedded model: one per core, sharing
+    cfg.federation.actors = 4
+    assert federate.client_actors(cfg, sd_folders["fp16"]) == (4, 0.5)
