@@ -33,6 +33,9 @@ def no_ray(monkeypatch):
     """Every case must be decided before the simulation engine starts (or the evaluator trains)."""
     import flwr.simulation
 
+    import fedaigc.demo  # noqa: F401  modules that bind evaluate_run at import: bound to the real one, not the patch
+    import fedaigc.experiments.common  # noqa: F401
+
     def started(*args, **kwargs):
         raise SimulationStarted
 

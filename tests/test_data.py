@@ -133,4 +133,4 @@ def test_heldout_styles_write_the_layout_and_differ_from_the_default(tmp_path, c
     assert sorted(ImageFolder(ensure_dataset(None, cfg)).domains) == sorted(HELDOUT_DOMAINS)
     assert sorted(ImageFolder(default).domains) == sorted(DOMAINS)
     assert main(["data", "--preset", "tiny", "--styles", "impressionist", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown data.styles 'impressionist'; choose one of: default, heldout" in capsys.readouterr().err
+    assert "config key data.styles must be one of default, heldout, got 'impressionist'" in capsys.readouterr().err

@@ -153,7 +153,7 @@ def test_privacy_experiment_attacks_and_report(tmp_path, tiny_data, tiny_model_d
     for name in ("private", "noised"):
         view = Rows.load(out / f"{name}_seed0" / "server_view.safetensors")
         state = out / f"{name}_seed0" / "rounds" / "round_001"
-        meta = json.loads((state / "state.json").read_text())
+        meta = json.loads((state / "state.json").read_text())["meta"]  # the server state beside the round's record
         for k, centroid in meta["centroids"].items():
             members = [int(c) for c, kk in meta["assignment"].items() if str(kk) == k]
             stored = load_file(str(state / "state.safetensors"))[f"slot.{k}"].double()
