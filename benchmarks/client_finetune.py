@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedaigc.client.train import LocalClient, Upload
+from fedaigc.client.train import LocalClient
 from fedaigc.config import Config, preset
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, split
 from fedaigc.data.render import STYLE_WORDS
@@ -22,6 +22,7 @@ from fedaigc.eval.report import save_grid
 from fedaigc.eval.scoring import score
 from fedaigc.model.base import load_model
 from fedaigc.model.sampling import generate
+from fedaigc.protocol.round import Upload
 
 
 def train_one_client(

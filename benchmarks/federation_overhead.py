@@ -28,10 +28,11 @@ import torch
 from flwr.app import ArrayRecord
 from many_clients import RunWatch  # benchmarks/ is on the path when run as a script
 
-from fedaigc.client.adapter import Adapter
-from fedaigc.client.client_app import build_client, derived_seed
-from fedaigc.client.train import Upload
+from fedaigc.client.client_app import build_client
 from fedaigc.config import Config, preset
+from fedaigc.protocol.lora import Adapter
+from fedaigc.protocol.round import Upload
+from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server.federate import simulate
 from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir
@@ -72,7 +73,7 @@ def serialisation_seconds(uploads: dict[int, Upload]) -> float:
 def server_seconds(cfg: Config, uploads: dict[int, Upload], spec) -> float:
     """The server's part of a round: aggregation and writing the round directory. The uploads come
     without a profiling pass, so they are their own profiles (else the server would reject them all)."""
-    aggregator = Aggregator(dataclasses.replace(cfg.federation, profile_steps=0), cfg.client.alpha / cfg.client.rank)
+    aggregator = Aggregator.from_config(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, profile_steps=0)))
     with tempfile.TemporaryDirectory(prefix="fedaigc-overhead-") as tmp:
         t0 = time.perf_counter()
         aggregator.aggregate(1, uploads)

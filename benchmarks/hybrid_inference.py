@@ -211,8 +211,9 @@ def main() -> None:
 def style_mixtures(b: Bench) -> dict:
     """Two clusters (sketch and cartoon when the run has them), weights 1/0, 0/1, 0.5/0.5, all
     steps on the server (s = 1) for neutral prompts."""
-    from fedaigc.client.adapter import adapter_spec, attach_lora, load_adapter_file
+    from fedaigc.client.adapter import attach_lora, load_adapter_file
     from fedaigc.model.base import load_model
+    from fedaigc.protocol.adapter_files import adapter_spec
 
     run, model_dir, cfg, evaluator, domains = b.run, b.model_dir, b.cfg, b.evaluator, b.domains
     classes = b.folder.classes

@@ -23,9 +23,10 @@ import torch
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
-from fedaigc.client.client_app import build_client, derived_seed
+from fedaigc.client.client_app import build_client
 from fedaigc.config import preset
 from fedaigc.eval.metrics import clustering_ari
+from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster_similarity, reference_similarity
 

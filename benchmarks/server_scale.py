@@ -54,11 +54,12 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, expected_shapes  # noqa: E402
+from fedaigc.client.adapter import attach_lora, expected_shapes  # noqa: E402
 from fedaigc.config import FederationConfig, preset  # noqa: E402
 from fedaigc.eval.metrics import clustering_ari  # noqa: E402
 from fedaigc.eval.report import markdown_table  # noqa: E402
 from fedaigc.model.base import load_model  # noqa: E402
+from fedaigc.protocol.lora import Adapter, LoraSpec
 from fedaigc.server import aggregation as agg  # noqa: E402
 from fedaigc.server.clustering import MAX_EXACT, centroids, cluster  # noqa: E402
 

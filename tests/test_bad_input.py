@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from fedaigc import config
 from fedaigc.cli import main
-from fedaigc.client.adapter import LoraSpec
-from fedaigc.client.train import Upload
 from fedaigc.errors import UserError
 from fedaigc.model.pretrain import load_checkpoint, save_checkpoint
+from fedaigc.protocol.lora import LoraSpec
+from fedaigc.protocol.round import Upload
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator
 
@@ -196,9 +196,9 @@ def test_every_key_has_a_rule_and_every_rule_a_key():
 
 
 def test_the_config_names_the_choices_the_code_acts_on():
-    from fedaigc.client.adapter import WIRE_DTYPES
     from fedaigc.data.render import STYLE_SETS
     from fedaigc.model.base import DTYPES, TEXT_ENCODERS
+    from fedaigc.protocol.wire import WIRE_DTYPES
 
     assert config.TRANSFER_DTYPES == tuple(WIRE_DTYPES) and config.TEXT_ENCODERS == TEXT_ENCODERS
     assert config.MODEL_DTYPES == ("auto", *DTYPES) and config.STYLE_SETS == tuple(STYLE_SETS)
@@ -233,7 +233,7 @@ def play_round(run: RunDir, aggregator: Aggregator, cfg: config.Config, r: int) 
 
 
 def scratch(cfg: config.Config) -> Aggregator:
-    return Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+    return Aggregator.from_config(cfg)
 
 
 @pytest.fixture(scope="module")

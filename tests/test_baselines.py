@@ -8,10 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedaigc.cli import main
-from fedaigc.client.adapter import LoraSpec, attach_lora, get_adapter, set_adapter, set_base_delta
-from fedaigc.client.train import Upload
+from fedaigc.client.adapter import attach_lora, get_adapter, set_adapter, set_base_delta
 from fedaigc.config import FederationConfig
 from fedaigc.model.base import load_model
+from fedaigc.protocol.lora import LoraSpec
+from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.strategies import Aggregator
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fedaigc import config
-from fedaigc.client.client_app import build_client, derived_seed
+from fedaigc.client.client_app import build_client
 from fedaigc.client.train import LocalClient
 from fedaigc.model.base import load_model
+from fedaigc.protocol.seeds import derived_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

@@ -5,15 +5,17 @@ from safetensors.torch import load_file, save_file
 
 from fedaigc import config
 from fedaigc.client import adapter as adapter_module
-from fedaigc.client.adapter import attach_lora, get_adapter, load_adapter_file, save_adapter
+from fedaigc.client.adapter import attach_lora, get_adapter, load_adapter_file
 from fedaigc.client.client_app import build_client
 from fedaigc.client.tokens import rewrite
-from fedaigc.client.train import LocalClient, Upload
+from fedaigc.client.train import LocalClient
 from fedaigc.config import ClientConfig
 from fedaigc.data.dataset import ImageFolder
 from fedaigc.data.render import STYLE_WORDS
 from fedaigc.errors import UserError
 from fedaigc.model.base import load_model
+from fedaigc.protocol.adapter_files import save_adapter
+from fedaigc.protocol.round import Upload
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import copy
 import numpy as np
 import torch
 
-from fedaigc.client.train import Upload
 from fedaigc.config import preset
 from fedaigc.eval.metrics import clustering_ari
+from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster_similarity, normalize, reference_similarity
 from fedaigc.server.strategies import Aggregator

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fedaigc.cli import main
-from fedaigc.client.train import Upload
 from fedaigc.config import preset
 from fedaigc.errors import UserError
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.experiments.dynamic import newcomers
+from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster, join, normalize, place
 from fedaigc.server.participation import participants, schedule

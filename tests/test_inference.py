@@ -16,7 +16,7 @@ from safetensors.torch import save as save_tensors
 from serving import free_port, running_service
 
 from fedaigc.cli import main
-from fedaigc.client.adapter import LoraSpec, attach_lora, expected_shapes, save_adapter, set_adapter
+from fedaigc.client.adapter import attach_lora, expected_shapes, set_adapter
 from fedaigc.client.tokens import PrivateToken
 from fedaigc.inference.auth import write_new_tokens
 from fedaigc.inference.device import InferenceServer, generate, personal_model
@@ -25,6 +25,8 @@ from fedaigc.inference.sampler import SplitState, finish, first_steps
 from fedaigc.inference.service import Limits, create_app
 from fedaigc.model.base import load_model
 from fedaigc.model.sampling import generate as generate_local
+from fedaigc.protocol.adapter_files import save_adapter
+from fedaigc.protocol.lora import LoraSpec
 from fedaigc.server import aggregation as agg
 
 SPEC = LoraSpec(rank=2, alpha=2.0)
@@ -106,7 +108,7 @@ def test_request_weights_follow_the_task_embedding(tiny_model_dir, cluster_run):
 
 
 def _file(path):
-    from fedaigc.client.adapter import read_adapter_file
+    from fedaigc.protocol.adapter_files import read_adapter_file
 
     return read_adapter_file(path)
 

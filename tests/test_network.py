@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedaigc.cli import main
-from fedaigc.client.train import Upload
 from fedaigc.config import preset, validate
 from fedaigc.errors import UserError
+from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.participation import (
     Link,

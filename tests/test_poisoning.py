@@ -23,10 +23,11 @@ from fedaigc.client.attacks import (
     noise,
     scaled,
 )
-from fedaigc.client.train import Upload
 from fedaigc.config import FederationConfig
 from fedaigc.data.dataset import Sample, write_dataset
 from fedaigc.errors import UserError
+from fedaigc.protocol.lora import flatten
+from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.defense import balanced, gram_points, layer_grams, screen_cluster
 from fedaigc.server.strategies import Aggregator
@@ -115,11 +116,11 @@ def test_clusters_too_small_to_outvote_an_attacker_are_not_screened():
 def test_attacks_transform_the_update_relative_to_what_was_received():
     g = torch.Generator().manual_seed(8)
     received, uploaded = lora(g), lora(g)
-    update = agg.flatten(uploaded) - agg.flatten(received)
+    update = flatten(uploaded) - flatten(received)
     for factor_, want in ((1.0, update), (0.0, 0 * update), (-1.0, -update), (10.0, 10 * update)):
-        got = agg.flatten(scaled(received, uploaded, factor_)) - agg.flatten(received)
+        got = flatten(scaled(received, uploaded, factor_)) - flatten(received)
         assert torch.allclose(got, want, atol=1e-5)
-    noisy = agg.flatten(noise(received, uploaded, 2.0, torch.Generator().manual_seed(0))) - agg.flatten(received)
+    noisy = flatten(noise(received, uploaded, 2.0, torch.Generator().manual_seed(0))) - flatten(received)
     assert math.isclose(noisy.norm().item(), 2.0 * update.norm().item(), rel_tol=1e-4)
     assert abs(torch.nn.functional.cosine_similarity(noisy, update, dim=0).item()) < 0.3  # a direction of its own
     upload = Upload(uploaded, torch.ones(4), 7, torch.ones(4), 0.5)

@@ -14,10 +14,11 @@ from scipy.integrate import quad
 from scipy.stats import norm
 
 from fedaigc.cli import main
-from fedaigc.client.client_app import build_client, derived_seed
+from fedaigc.client.client_app import build_client
 from fedaigc.client.privacy import EmbeddingGuard, analytic_gaussian_sigma, composed_epsilon, rotation
 from fedaigc.eval.attacks import accuracy, chance, invert, match_geometry, probe, vocabulary_rank
 from fedaigc.experiments.privacy import Rows
+from fedaigc.protocol.lora import flatten
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster
 from fedaigc.server.strategies import Aggregator
@@ -91,17 +92,14 @@ def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny
         cfg = copy.deepcopy(tiny_cfg)
         cfg.client.embedding_key = key
         cfg.federation.k = 2
-        aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+        aggregator = Aggregator.from_config(cfg)
         uploads = {}
         for rnd in (1, 2):
             uploads = {}
             for cid in range(4):
                 client = build_client(cfg, cid, 4, tiny_data, tiny_model_dir)
-                adapter, slot = aggregator.model_for(cid)
-                gen = torch.Generator().manual_seed(derived_seed(cfg.federation.seed, rnd, cid))
-                bias, profile_steps = aggregator.timestep_bias(cid, cfg.client.timestep_bias), aggregator.profile_steps(cid)
-                bias_of_pass = cfg.client.timestep_bias
-                uploads[cid] = client.train_round(adapter, slot, cfg.client.steps, gen, None, bias, profile_steps, bias_of_pass)
+                plan = aggregator.plan_for(rnd, cid, cfg.client)
+                uploads[cid] = client.follow(plan, plan.client_seed(cid))
             assert aggregator.aggregate(rnd, uploads).rejected == {}  # as the ClientApp would: with round 1's profiling pass
         runs[key] = (aggregator, uploads)
     (plain_agg, plain_up), (rot_agg, rot_up) = runs[0], runs[5]
@@ -115,7 +113,7 @@ def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny
     for cid in range(4):
         assert close(rot_up[cid].slot, r @ plain_up[cid].slot)
         assert torch.equal(rot_up[cid].slot, rot_up[cid].embedding)
-        assert close(agg.flatten(rot_up[cid].lora), agg.flatten(plain_up[cid].lora))
+        assert close(flatten(rot_up[cid].lora), flatten(plain_up[cid].lora))
     for k, slot in plain_agg.cluster_slots.items():
         assert close(rot_agg.cluster_slots[k], r @ slot)
         assert not torch.allclose(rot_agg.cluster_slots[k], slot, atol=1e-2)  # the server never sees the real slot

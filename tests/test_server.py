@@ -11,9 +11,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fedaigc import config
-from fedaigc.client.adapter import from_wire
 from fedaigc.client.client_app import make_client_app
 from fedaigc.errors import UserError
+from fedaigc.protocol.wire import from_wire
 from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.server_app import ClusterStrategy
@@ -68,7 +68,7 @@ def setup(tmp_path, tiny_cfg, tiny_data, tiny_model_dir):
         for k, v in (client or {}).items():
             setattr(cfg.client, k, v)
         run_config = {"config": config.to_toml(cfg), "data": str(tiny_data), "model": str(tiny_model_dir)}
-        aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+        aggregator = Aggregator.from_config(cfg)
         return cfg, run_config, aggregator, RunDir(tmp_path / f"run_{len(list(tmp_path.iterdir()))}")
 
     return make
@@ -181,7 +181,7 @@ def test_flora_sends_the_growing_stack_and_a_restarted_server_resumes_it(setup):
     # a server killed after round 1 resumes from disk; the clients (cached) last merged round 3's stack
     _, _, first, resumed = setup(strategy="flora")
     ClusterStrategy(cfg, first).run(FakeGrid(4, run_config), resumed, 1, 1)
-    restarted = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+    restarted = Aggregator.from_config(cfg)
     resumed.restore(restarted, 1)
     ClusterStrategy(cfg, restarted).run(FakeGrid(4, run_config), resumed, 2, 3)
     a, b = (load_file(str(r.root / "adapters" / "global.safetensors")) for r in (run, resumed))

@@ -25,7 +25,7 @@ from sd_tiny import write_tiny_sd
 from test_inference import SPEC, cluster_run  # noqa: F401 (a fixture)
 
 from fedaigc.cli import main
-from fedaigc.client.adapter import attach_lora, expected_shapes, save_adapter
+from fedaigc.client.adapter import attach_lora, expected_shapes
 from fedaigc.errors import UserError
 from fedaigc.inference import auth
 from fedaigc.inference.auth import Client, TokenStore, read_tokens, token_digest, write_new_tokens
@@ -34,6 +34,7 @@ from fedaigc.inference.mixing import ClusterMixer
 from fedaigc.inference.sampler import first_steps
 from fedaigc.inference.service import Limits, create_app, serving
 from fedaigc.model.base import load_model
+from fedaigc.protocol.adapter_files import save_adapter
 
 FULL, SCOPED, OTHER = "full-token-" + "a" * 20, "scoped-token-" + "b" * 20, "other-token-" + "c" * 20
 

@@ -9,9 +9,9 @@ from flwr.app import ArrayRecord
 from test_server import FakeGrid
 
 from fedaigc import config
-from fedaigc.client.adapter import WIRE_DTYPES, from_wire, to_wire, wire_dtype
 from fedaigc.errors import UserError
-from fedaigc.server.rundir import RunDir, bytes_of
+from fedaigc.protocol.wire import WIRE_DTYPES, bytes_of, from_wire, to_wire, wire_dtype
+from fedaigc.server.rundir import RunDir
 from fedaigc.server.server_app import ClusterStrategy
 from fedaigc.server.strategies import Aggregator
 
@@ -23,7 +23,7 @@ def federate(tmp_path, tiny_cfg, tiny_data, tiny_model_dir, dtype: str):
     cfg.client.steps, cfg.client.transfer_dtype = 2, dtype
     run_config = {"config": config.to_toml(cfg), "data": str(tiny_data), "model": str(tiny_model_dir)}
     aggregator, run, grid = (
-        Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank),
+        Aggregator.from_config(cfg),
         RunDir(tmp_path / dtype),
         FakeGrid(2, run_config),
     )

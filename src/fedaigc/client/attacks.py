@@ -16,12 +16,11 @@ import dataclasses
 import numpy as np
 import torch
 
-from fedaigc.client.adapter import Adapter
-from fedaigc.client.train import Upload
 from fedaigc.config import ATTACKS, FederationConfig
 from fedaigc.data.dataset import Sample
 from fedaigc.errors import UserError
-from fedaigc.server.aggregation import flatten, unflatten
+from fedaigc.protocol.lora import Adapter, flatten, unflatten
+from fedaigc.protocol.round import Upload
 
 # attack_strength = 0 means: the update x10 (scale), x-1 (signflip), noise of the honest update's
 # norm (noise), an unboosted backdoor

@@ -11,13 +11,13 @@ own images; default: the preset's generated set, partitioned as the server's con
 from __future__ import annotations
 
 import logging
-import zlib
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedaigc import config
+from fedaigc.protocol.seeds import derived_seed
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load only when a client trains: the Deployment
     from fedaigc.client.train import LocalClient  # Engine starts a process per message, and a query needs none
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 # (config, model dir) -> the base model its clients share and those clients, by their build arguments;
 # one entry at most: the run this process serves now
 _SHARED: dict[tuple[str, str], tuple[DiffusionModel, dict[tuple, LocalClient]]] = {}
-
-
-def derived_seed(*parts) -> int:
-    """A stable seed from (seed, round, client id, ...): crc32 of their text."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode())
 
 
 def client_id(context: Context) -> int:
@@ -120,41 +115,19 @@ def make_client_app(extra_run_config: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         import torch
 
-        from fedaigc.client.adapter import from_wire, to_wire, wire_dtype
+        from fedaigc.protocol.round import RoundPlan
+        from fedaigc.protocol.wire import wire_dtype
 
         client = get_client(context, run_config(context))
-        content = msg.content
-        cfg_rec = content["config"]
-        server_round = int(cfg_rec["server-round"])
-        adapter = from_wire(content["lora"].to_torch_state_dict()) if "lora" in content else None
-        slot = from_wire(content["slot"].to_torch_state_dict())["slot"] if "slot" in content else None
-        merged = from_wire(content["merged"].to_torch_state_dict()) if "merged" in content else None  # FLoRA's global stack
-        seed = derived_seed(cfg_rec["seed"], server_round, client_id(context))
-        bias = float(cfg_rec.get("timestep-bias", client.cfg.timestep_bias))
-        profile_steps = int(cfg_rec.get("profile-steps", 0))  # the server's: a profiling pass first (docs/method.md)
-        profile_bias = float(cfg_rec.get("profile-bias", client.cfg.timestep_bias))
-        generator = torch.Generator().manual_seed(seed)
-        upload = client.train_round(adapter, slot, int(cfg_rec["steps"]), generator, merged, bias, profile_steps, profile_bias)
+        plan = RoundPlan.from_record_dict(msg.content)
+        seed = plan.client_seed(client_id(context))
+        upload = client.follow(plan, seed)
         if client.attack is not None:  # a poisoning experiment's attacker: its update is transformed
             from fedaigc.client.attacks import attack_upload
 
-            received = adapter if adapter is not None else client.initial[0]
+            received = plan.adapter if plan.adapter is not None else client.initial[0]
             upload = attack_upload(upload, received, *client.attack, torch.Generator().manual_seed(derived_seed(seed, "attack")))
-        wire = wire_dtype(client.cfg.transfer_dtype)
-        reply = RecordDict(
-            {
-                "lora": ArrayRecord(to_wire(upload.lora, wire)),
-                "extra": ArrayRecord(to_wire({"slot": upload.slot, "embedding": upload.embedding}, wire)),
-                "metrics": MetricRecord(
-                    {"client-id": client_id(context), "num-examples": upload.num_examples, "train-loss": upload.train_loss}
-                ),
-            }
-        )
-        if upload.profile is not None:
-            reply["profile"] = ArrayRecord(to_wire(upload.profile, wire))
-        if upload.profile_repeat is not None:
-            reply["profile-repeat"] = ArrayRecord(to_wire(upload.profile_repeat, wire))
-        return Message(content=reply, reply_to=msg)
+        return Message(content=upload.to_record_dict(client_id(context), wire_dtype(client.cfg.transfer_dtype)), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

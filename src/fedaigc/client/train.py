@@ -1,39 +1,27 @@
 """One edge client: its images, its private token, local LoRA fine-tuning, and what it uploads.
 
-`LocalClient.train_round(adapter, slot)` is the whole client side of a federated round: start
-from what the server sent (a LoRA and a token slot; zero LoRA and a neutral slot at first; under
+`LocalClient.follow(plan, seed)` is the whole client side of a federated round: start from what
+the server's `RoundPlan` sent (a LoRA and a token slot; zero LoRA and a neutral slot at first; under
 FLoRA a fresh LoRA on base weights with the global stack merged in), train a bounded number of
-steps on the local images, and return the `Upload`.
+steps on the local images, and return the `Upload` (both in fedaigc/protocol/round.py).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedaigc.client.adapter import Adapter, LoraSpec, attach_lora, get_adapter, lora_parameters, set_adapter, set_base_delta
+from fedaigc.client.adapter import attach_lora, get_adapter, lora_parameters, set_adapter, set_base_delta
 from fedaigc.client.privacy import EmbeddingGuard
 from fedaigc.client.tokens import PrivateToken, private_token_name, rewrite
 from fedaigc.config import ClientConfig
 from fedaigc.data.render import STYLE_WORDS
 from fedaigc.model.base import DiffusionModel
 from fedaigc.model.pretrain import denoising_loss, draw_noise
-
-
-@dataclass
-class Upload:
-    """Exactly what leaves the device after a round: tensors and counts, no text, no images."""
-
-    lora: Adapter
-    slot: torch.Tensor  # the private token's embedding (its name stays on the device)
-    num_examples: int
-    embedding: torch.Tensor  # the encoded task: pooled text-encoder output of the rewritten prompts
-    train_loss: float
-    profile: Adapter | None = None  # UNet LoRA after a profiling pass, when the server asks for one (docs/method.md)
-    profile_repeat: Adapter | None = None  # the same pass once more from the same start: the server's noise reference
+from fedaigc.protocol.lora import Adapter, LoraSpec
+from fedaigc.protocol.round import RoundPlan, Upload
 
 
 def style_prompt(style_word: str, cls: str) -> str:
@@ -65,7 +53,7 @@ class LocalClient:
         its LoRA and slot in before each use). `images` in [0, 1] with their (domain, class)
         labels. Prompts name the class and the style word of the image's domain."""
         self.model, self.cfg = model, cfg
-        self.spec = LoraSpec(cfg.rank, cfg.alpha, cfg.text_encoder_lora, cfg.convs)
+        self.spec = LoraSpec.of(cfg)
         if "initial_lora" not in vars(model):  # the first client on this model
             attach_lora(model, self.spec)
             model.initial_lora = get_adapter(model)
@@ -192,3 +180,11 @@ class LocalClient:
         upload = self.make_upload(self.fine_tune(steps, generator, timestep_bias), generator)
         upload.profile, upload.profile_repeat = profiles or (None, None)
         return upload
+
+    def follow(self, plan: RoundPlan, seed: int) -> Upload:
+        """The round `plan` asks for, every draw from a generator seeded with `seed` (the ClientApp's:
+        `plan.client_seed(client id)`)."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.train_round(
+            plan.adapter, plan.slot, plan.steps, generator, plan.merged, plan.timestep_bias, plan.profile_steps, plan.profile_bias
+        )

@@ -67,7 +67,7 @@ class Plan:
         done = run.last_round()
         if done >= run_cfg.federation.rounds:
             # restoring checks that the state means what this fedaigc makes of it (an older run's may not)
-            run.restore(Aggregator(run_cfg.federation, run_cfg.client.alpha / run_cfg.client.rank), done)
+            run.restore(Aggregator.from_config(run_cfg), done)
             log.info("%s: trained already (%d rounds), reusing it", run_dir, done)
             return run
         return simulate(run_cfg, run_dir, self.data, self.model, resume=done > 0)[0]

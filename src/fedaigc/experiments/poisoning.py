@@ -113,7 +113,7 @@ def backdoor_success(plan: Plan, run_cfg: config.Config, run: RunDir, victims: l
     folder = ImageFolder(ensure_dataset(plan.data, run_cfg), size=run_cfg.data.size)
     train, _ = split(folder.samples, run_cfg.data.held_out, run_cfg.data.seed)
     evaluator = evaluator_for(folder, train, run_cfg.evaluator, progress=plan.progress)
-    aggregator = Aggregator(run_cfg.federation, run_cfg.client.alpha / run_cfg.client.rank)
+    aggregator = Aggregator.from_config(run_cfg)
     run.restore(aggregator, run.last_round())
     classes = [trigger_class(folder.classes[i % len(folder.classes)]) for i in range(run_cfg.client.samples)]
     per_client = {}

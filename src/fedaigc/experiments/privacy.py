@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import math
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fedaigc import config
-from fedaigc.client.client_app import build_client, derived_seed
+from fedaigc.client.client_app import build_client
 from fedaigc.client.privacy import EmbeddingGuard, analytic_gaussian_sigma, composed_epsilon
 from fedaigc.client.tokens import slot_init
 from fedaigc.client.train import LocalClient, style_prompt
@@ -57,7 +56,8 @@ from fedaigc.experiments.common import (
     write_results,
 )
 from fedaigc.model.base import load_model
-from fedaigc.server.aggregation import flatten
+from fedaigc.protocol.lora import flatten
+from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server.clustering import cluster
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator
@@ -149,14 +149,10 @@ def request_row(client: LocalClient, classes: list[str]) -> np.ndarray:
 
 
 def first_round(client: LocalClient, cfg: config.Config, cid: int, generator_seed: int | None = None):
-    """The client's round-1 upload, replayed: the initial LoRA and slot, the round's seed as the
-    ClientApp derives it (or `generator_seed`, for shadows), and the timestep bias and profiling
-    pass the server asks for in round 1 (`Aggregator.timestep_bias`, `Aggregator.profile_steps`)."""
-    seed = derived_seed(cfg.federation.seed, 1, cid) if generator_seed is None else generator_seed
-    server = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
-    bias, profile_steps = server.timestep_bias(cid, cfg.client.timestep_bias), server.profile_steps(cid)
-    generator = torch.Generator().manual_seed(seed)
-    return client.train_round(None, None, cfg.client.steps, generator, None, bias, profile_steps, cfg.client.timestep_bias)
+    """The client's round-1 upload, replayed: the server's round-1 plan for it (`Aggregator.plan_for`)
+    and the round's seed as the ClientApp derives it (or `generator_seed`, for shadows)."""
+    plan = Aggregator.from_config(cfg).plan_for(1, cid, cfg.client)
+    return client.follow(plan, plan.client_seed(cid) if generator_seed is None else generator_seed)
 
 
 def server_view(cfg: config.Config, run: RunDir, plan: Plan, classes: list[str]) -> Rows:
@@ -166,7 +162,7 @@ def server_view(cfg: config.Config, run: RunDir, plan: Plan, classes: list[str])
     if path.is_file():
         return Rows.load(path)
     fed = cfg.federation
-    aggregator = Aggregator(fed, cfg.client.alpha / cfg.client.rank)
+    aggregator = Aggregator.from_config(cfg)
     run.restore(aggregator, run.last_round())
     styles, rows = [], defaultdict(list)
     for cid in range(fed.num_clients):
@@ -195,7 +191,7 @@ def shadows(cfg: config.Config, plan: Plan, classes: list[str]) -> Rows:
     shadow_cfg.data.seed += 1
     n = SHADOWS_PER_STYLE.get(cfg.preset, 2) * len(DOMAINS)
     shadow_cfg.federation.num_clients = n
-    path = plan.out / f"shadows_{cfg.client.prompt_mode}_{zlib.crc32(config.to_toml(shadow_cfg).encode()):08x}.safetensors"
+    path = plan.out / f"shadows_{cfg.client.prompt_mode}_{derived_seed(config.to_toml(shadow_cfg)):08x}.safetensors"
     if path.is_file():
         return Rows.load(path)
     log.info("[privacy] training %d shadow clients (%s prompts) on the attacker's own images", n, cfg.client.prompt_mode)

@@ -15,11 +15,12 @@ import httpx
 import torch
 from safetensors.torch import save as save_tensors
 
-from fedaigc.client.adapter import adapter_spec, attach_lora, load_adapter_file
+from fedaigc.client.adapter import attach_lora, load_adapter_file
 from fedaigc.client.tokens import PrivateToken
 from fedaigc.errors import RunFailed, UserError
 from fedaigc.inference.sampler import SplitState, finish, first_steps
 from fedaigc.model.base import DiffusionModel, load_model
+from fedaigc.protocol.adapter_files import adapter_spec
 
 STYLE_PLACEHOLDER = "<style>"
 

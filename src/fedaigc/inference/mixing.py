@@ -23,9 +23,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch.nn import Conv2d, Linear
 
-from fedaigc.client.adapter import lora_targets, read_adapter_file
 from fedaigc.errors import UserError
 from fedaigc.model.base import DiffusionModel
+from fedaigc.protocol.adapter_files import read_adapter_file
+from fedaigc.protocol.lora import lora_targets
 from fedaigc.server import aggregation as agg
 
 GLOBAL = "global"

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from fedaigc import config
-from fedaigc.client.client_app import derived_seed
 from fedaigc.client.train import LocalClient
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, read_images, split
 from fedaigc.model.base import load_model
+from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator
 
@@ -49,7 +49,7 @@ def run_central(cfg: config.Config, run: RunDir, data: Path | None, model: Path 
             cfg.client,
             seed=derived_seed(fed.seed, "token", "central", domain),
         )
-    aggregator = Aggregator(fed, cfg.client.alpha / cfg.client.rank)
+    aggregator = Aggregator.from_config(cfg)
     done = run.start(cfg, aggregator)  # simulate checked the config against the run's saved rounds
     for r in range(done + 1, fed.rounds + 1):
         t0, losses = time.perf_counter(), []

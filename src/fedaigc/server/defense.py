@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedaigc.client.adapter import Adapter
+from fedaigc.protocol.lora import Adapter
 from fedaigc.server.aggregation import factors, geometric_median, layers
 
 MIN_MEMBERS = 3  # below this a median cannot out-vote one attacker: such clusters are not screened

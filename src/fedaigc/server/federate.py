@@ -160,7 +160,7 @@ def evaluate_run(
     folder = ImageFolder(ensure_dataset(data, cfg), size=cfg.data.size)
     train, test = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(folder, train, cfg.evaluator, progress=progress)
-    aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+    aggregator = Aggregator.from_config(cfg)
     run.restore(aggregator, at_round or run.last_round())
     if global_stack and (cfg.federation.strategy != "cluster" or aggregator.global_adapter is None):
         raise UserError(f"{run.root}: only a finished cluster run has a global LoRA of its own to score")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedaigc.client.client_app import derived_seed
 from fedaigc.config import Config, NetworkConfig
+from fedaigc.protocol.seeds import derived_seed
 
 
 def per_client(values: tuple, cid: int, default: float) -> float:

@@ -37,8 +37,9 @@ from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
 from fedaigc import config
-from fedaigc.client.adapter import LoraSpec, save_adapter
 from fedaigc.errors import UserError
+from fedaigc.protocol.adapter_files import save_adapter
+from fedaigc.protocol.lora import LoraSpec
 from fedaigc.server.strategies import Aggregator
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class RunDir:
         scratch server) and metrics.json."""
         self.check_config(cfg, allow_change)
         if self.last_round():
-            self.restore(Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank), self.last_round())
+            self.restore(Aggregator.from_config(cfg), self.last_round())
         self.metrics()
 
     def start(self, cfg: config.Config, aggregator: Aggregator) -> int:

@@ -16,11 +16,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedaigc import config
-from fedaigc.client.adapter import LoraSpec, from_wire, to_wire, wire_dtype
-from fedaigc.client.train import Upload
 from fedaigc.errors import RunFailed, UserError
+from fedaigc.protocol.lora import LoraSpec
+from fedaigc.protocol.round import Upload
+from fedaigc.protocol.wire import wire_dtype
 from fedaigc.server import participation
-from fedaigc.server.rundir import RunDir, bytes_of
+from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator, RoundReport
 
 log = logging.getLogger(__name__)
@@ -67,33 +68,15 @@ class ClusterStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.identify(grid)
         messages, self.sent_bytes = [], {}
-        merged = self.aggregator.base_delta()
-        merged = to_wire(merged, self.wire) if merged is not None else None
         chosen = set(participation.participants(self.cfg, list(self.node_client.values()), server_round))
         self.sampled = sorted(chosen)
         for node, cid in sorted(self.node_client.items(), key=lambda x: x[1]):
             if cid not in chosen:
                 continue
-            adapter, slot = self.aggregator.model_for(cid)
-            round_config = {
-                "server-round": server_round,
-                "steps": self.cfg.client.steps,
-                "seed": self.cfg.federation.seed,
-                "timestep-bias": self.aggregator.timestep_bias(cid, self.cfg.client.timestep_bias),
-                "profile-steps": self.aggregator.profile_steps(cid),
-                "profile-bias": self.cfg.client.timestep_bias,
-            }
-            content = RecordDict({"config": ConfigRecord(round_config)})
-            if adapter is not None:
-                lora = to_wire(adapter, self.wire)
-                content["lora"] = ArrayRecord(lora)
-                self.sent_bytes[cid] = bytes_of(lora)
-            if slot is not None and slot.numel():
-                content["slot"] = ArrayRecord(to_wire({"slot": slot}, self.wire))
-            if merged is not None:  # FLoRA: the client merges the global stack into its base weights
-                content["merged"] = ArrayRecord(merged)
-                self.sent_bytes[cid] = self.sent_bytes.get(cid, 0) + bytes_of(merged)
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+            plan = self.aggregator.plan_for(server_round, cid, self.cfg.client)
+            if plan.adapter is not None or plan.merged is not None:  # a client sent no arrays counts out of the mean
+                self.sent_bytes[cid] = plan.download_bytes(self.wire)
+            messages.append(Message(content=plan.to_record_dict(self.wire), message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -103,24 +86,8 @@ class ClusterStrategy(Strategy):
             if reply.has_error():
                 log.warning("round %d: a node failed: %s", server_round, reply.error.reason)
                 continue
-            c = reply.content
-            m = c["metrics"]
-            cid = int(m["client-id"])
-            extra = c["extra"].to_torch_state_dict()
-            lora = c["lora"].to_torch_state_dict()
-            profile = c["profile"].to_torch_state_dict() if "profile" in c else {}
-            repeat = c["profile-repeat"].to_torch_state_dict() if "profile-repeat" in c else {}
-            up_bytes[cid] = bytes_of(lora) + bytes_of(extra) + bytes_of(profile) + bytes_of(repeat)  # as they travelled
-            extra, lora = from_wire(extra), from_wire(lora)  # the server's state and math stay float32
-            uploads[cid] = Upload(
-                lora,
-                extra["slot"],
-                int(m["num-examples"]),
-                extra["embedding"],
-                float(m["train-loss"]),
-                from_wire(profile) if profile else None,
-                from_wire(repeat) if repeat else None,
-            )
+            cid, upload, travelled = Upload.from_record_dict(reply.content)  # float32: the server's math and state
+            uploads[cid], up_bytes[cid] = upload, travelled
         if not uploads:
             raise RunFailed(f"round {server_round}: no client returned an update (see the client errors above)")
         expected = set(self.sampled)
@@ -138,7 +105,7 @@ class ClusterStrategy(Strategy):
         return None, MetricRecord({"train-loss": float(loss), "clients": len(accepted)})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation happens after the run, on the personalized adapters (see federate.py)
+        return []  # evaluation happens after the run, on the personalized adapters (fedaigc/simulation/evaluate.py)
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         return None
@@ -156,7 +123,7 @@ class ClusterStrategy(Strategy):
 
     def run(self, grid: Grid, run: RunDir, first_round: int, num_rounds: int) -> None:
         """The round loop (Strategy.start always begins at round 1; this one resumes)."""
-        spec = LoraSpec(self.cfg.client.rank, self.cfg.client.alpha, self.cfg.client.text_encoder_lora, self.cfg.client.convs)
+        spec = LoraSpec.of(self.cfg.client)
         self.summary()
         for server_round in range(first_round, num_rounds + 1):
             t0 = time.perf_counter()
@@ -203,7 +170,7 @@ def make_server_app(extra_run_config: dict | None = None) -> ServerApp:
             raise UserError("the central baseline pools the clients' data, it needs no federation: use `fedaigc federate`")
         run = RunDir(run_config.get("run-dir") or "runs/federate")
         run.check_config(cfg, bool(run_config.get("allow-config-change", False)))
-        aggregator = Aggregator(cfg.federation, cfg.client.alpha / cfg.client.rank)
+        aggregator = Aggregator.from_config(cfg)
         done = run.start(cfg, aggregator)
         ClusterStrategy(cfg, aggregator).run(grid, run, done + 1, cfg.federation.rounds)
 

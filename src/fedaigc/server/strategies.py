@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedaigc.client.adapter import Adapter
-from fedaigc.client.train import Upload
-from fedaigc.config import FederationConfig
+from fedaigc.config import ClientConfig, Config, FederationConfig
 from fedaigc.errors import UserError
+from fedaigc.protocol.lora import Adapter, LoraSpec
+from fedaigc.protocol.round import RoundPlan, Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server import defense
 from fedaigc.server.clustering import (
@@ -74,6 +74,11 @@ class Aggregator:
         self.global_scale = 1.0
         self.reference: Adapter | None = None  # a zero adapter of the right shapes, for screening
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> Aggregator:
+        """The server of a (validated) config's federation, for its clients' LoRA."""
+        return cls(cfg.federation, LoraSpec.of(cfg.client).scale)
+
     # what each client starts the next round from -------------------------------------------
     def model_for(self, cid: int) -> tuple[Adapter | None, torch.Tensor | None]:
         if self.cfg.strategy in ("local", "central"):
@@ -84,6 +89,22 @@ class Aggregator:
             return None, None  # the common start: the initial LoRA and neutral slot every client began from
         k = self.assignment.get(cid, 0 if self.cfg.strategy != "cluster" else None)
         return self.cluster_adapters.get(k), self.cluster_slots.get(k)  # flora: no adapter, a fresh LoRA
+
+    def plan_for(self, server_round: int, cid: int, client: ClientConfig) -> RoundPlan:
+        """What client `cid` trains in `server_round` (the clients' config section `client`): from
+        `model_for`, with `timestep_bias`, `profile_steps` and FLoRA's `base_delta`."""
+        adapter, slot = self.model_for(cid)
+        return RoundPlan(
+            server_round=server_round,
+            seed=self.cfg.seed,
+            steps=client.steps,
+            timestep_bias=self.timestep_bias(cid, client.timestep_bias),
+            profile_steps=self.profile_steps(cid),
+            profile_bias=client.timestep_bias,
+            adapter=adapter,
+            slot=slot,
+            merged=self.base_delta(),
+        )
 
     def profiling(self, cid: int) -> bool:
         """Whether the client's next upload makes its profile (cluster strategy, first round)."""
