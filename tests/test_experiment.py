@@ -1,6 +1,6 @@
-"""`fedaigc experiment`: tiny versions of the three experiments (1 round, 2 clients, few settings,
-so few Ray start-ups) with their report's structure and the ranges of their numbers; the
-mean ± std over seeds; an experiment run again reuses its runs and refuses another config."""
+"""`fedaigc experiment`: tiny aggregation and split experiments (1 round, 2 clients, few settings,
+so few Ray start-ups) with their report's structure and the ranges of their numbers; the mean ±
+std over seeds (the privacy experiment, and a rerun that reuses its runs: test_privacy.py)."""
 
 import json
 import math

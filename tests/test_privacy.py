@@ -2,7 +2,6 @@
 the attribute-inference attacks, and a tiny `fedaigc experiment privacy`."""
 
 import copy
-import csv
 import json
 import math
 import shutil
@@ -10,12 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from experiment_checks import check_numbers, check_report, read_results
+from experiment_checks import check_numbers, check_report, experiment, read_results
 from safetensors.torch import load_file
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from fedaigc.cli import main
 from fedaigc.client.client_app import build_client, derived_seed
 from fedaigc.client.privacy import EmbeddingGuard, analytic_gaussian_sigma, composed_epsilon, rotation
 from fedaigc.eval.attacks import accuracy, chance, invert, match_geometry, probe, vocabulary_rank
@@ -123,20 +121,16 @@ def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny
         assert not torch.allclose(rot_agg.cluster_slots[k], slot, atol=1e-2)  # the server never sees the real slot
 
 
-PRIVACY_ARGS = ["experiment", "privacy", "--preset", "tiny", "--rounds", "1", "--num-clients", "2"]
-
-
 @pytest.fixture(scope="module")
 def privacy_run(tmp_path_factory, tiny_data, tiny_model_dir):
     """One tiny privacy experiment (three settings) for the tests below: each setting is a Ray start-up."""
     out = tmp_path_factory.mktemp("privacy") / "privacy"
-    args = [*PRIVACY_ARGS, "--data", str(tiny_data), "--model", str(tiny_model_dir), "--out", str(out)]
-    assert main([*args, "--only", "plain,private,noised"]) == 0
-    return out, args
+    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "plain,private,noised") == 0
+    return out
 
 
 def test_privacy_experiment_attacks_and_report(privacy_run):
-    out, _ = privacy_run
+    out = privacy_run
     report = (out / "report.md").read_text()
     for section in [
         "## Privacy and utility",
@@ -147,8 +141,7 @@ def test_privacy_experiment_attacks_and_report(privacy_run):
         assert f"\n{section}\n" in report, section
     for png in ["attacks", "noise_sweep", "utility", "ari_per_round"]:
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000 and f"](plots/{png}.png)" in report
-    with (out / "results.csv").open() as f:
-        rows = {row["setting"]: row for row in csv.DictReader(f)}
+    rows = read_results(out)
     assert list(rows) == ["plain", "private", "noised"]
     for name in ("plain", "private"):
         check_numbers(rows[name], ["style_acc", "class_acc", "fid", "kid", "alignment", "ari", "ari_round_1"])
@@ -176,24 +169,27 @@ def test_privacy_experiment_attacks_and_report(privacy_run):
             assert torch.allclose((emb * (w / w.sum())[:, None]).sum(0), stored, atol=1e-5)  # a replay: float noise
 
 
-def test_privacy_modes_then_reuse_and_refuse(privacy_run, tmp_path, capsys):
+def test_privacy_modes_then_reuse_and_refuse(privacy_run, tmp_path, tiny_data, tiny_model_dir, capsys):
     check_report(
-        privacy_run[0],
+        privacy_run,
         ["## What the training edge server receives", "## Utility", "## Clustering per round"],
         ["plots/utility.png", "plots/ari_per_round.png"],
     )
     out = tmp_path / "privacy"  # a copy: this test rewrites a run's config
-    shutil.copytree(privacy_run[0], out)
-    args = [*privacy_run[1][:-2], "--out", str(out)]
+    shutil.copytree(privacy_run, out)
+
+    def again(*extra: str) -> int:
+        return experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private", *extra)
+
     state = out / "private_seed0" / "rounds" / "round_001" / "state.json"
     before = state.stat().st_mtime_ns
-    assert main([*args, "--only", "private"]) == 0  # no training, no sampling
+    assert again() == 0  # no training, no sampling
     assert state.stat().st_mtime_ns == before and list(read_results(out)) == ["private"]
     capsys.readouterr()
-    assert main([*args, "--only", "private", "--num-clients", "3"]) == 2
+    assert again("--num-clients", "3") == 2
     assert "another config" in capsys.readouterr().err
     saved = out / "private_seed0" / "config.toml"  # a run of an older fedaigc: no timestep_bias yet (it trained uniform)
     saved.write_text("".join(line for line in saved.read_text().splitlines(True) if not line.startswith("timestep_bias")))
-    assert main([*args, "--only", "private"]) == 2  # not taken for a bias-2 run
+    assert again() == 2  # not taken for a bias-2 run
     assert "older fedaigc" in (err := capsys.readouterr().err) and "client.timestep_bias" in err
     assert state.stat().st_mtime_ns == before
