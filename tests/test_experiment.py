@@ -1,51 +1,14 @@
-"""`fedaigc experiment`: tiny versions of the three experiments (1 round, 2 clients, few settings,
-so few Ray start-ups) with their report's structure and the ranges of their numbers; the
-mean ± std over seeds; an experiment run again reuses its runs and refuses another config."""
+"""`fedaigc experiment`: tiny aggregation and split experiments (1 round, 2 clients, few settings,
+so few Ray start-ups) with their report's structure and the ranges of their numbers; the mean ±
+std over seeds (the privacy experiment, and a rerun that reuses its runs: test_privacy.py)."""
 
-import csv
 import json
 import math
-import re
-from pathlib import Path
 
-from fedaigc.cli import main
+from experiment_checks import check_numbers, check_report, experiment, read_results
+
 from fedaigc.config import preset
 from fedaigc.experiments.common import Plan, Result, Setting, write_results
-
-IN_UNIT_RANGE = ("style_acc", "style_top", "class_acc", "class_top", "global_style_acc", "global_class_acc")
-
-
-def experiment(name, out, data, model, *extra):
-    args = ["experiment", name, "--preset", "tiny", "--data", str(data), "--model", str(model), "--out", str(out)]
-    return main([*args, "--rounds", "1", "--num-clients", "2", *extra])
-
-
-def read_results(out: Path) -> dict[str, dict[str, str]]:
-    with (out / "results.csv").open() as f:
-        return {row["setting"]: row for row in csv.DictReader(f)}
-
-
-def check_report(out: Path, sections: list[str], plots: list[str]) -> str:
-    report = (out / "report.md").read_text()
-    for section in sections + ["## Samples", "## Runs"]:
-        assert f"\n{section}\n" in report, section
-    for png in plots + ["samples_grid.png"]:
-        assert (out / png).stat().st_size > 1000, png
-        assert f"]({png})" in report, png
-    assert not re.search(r"\bnan\b", report)
-    return report
-
-
-def check_numbers(row: dict[str, str], columns) -> None:
-    for col in columns:
-        value = float(row[col])
-        assert math.isfinite(value), (row["setting"], col)
-        if col in IN_UNIT_RANGE or col.startswith("style_acc_"):
-            assert 0 <= value <= 1, (row["setting"], col, value)
-        if col in ("fid", "global_fid") or col.startswith("fid_"):
-            assert value >= 0, (row["setting"], col, value)
-        if col in ("alignment", "global_alignment", "ari"):
-            assert -1 <= value <= 1, (row["setting"], col, value)
 
 
 def test_aggregation_strategies_and_an_ablation(tmp_path, tiny_data, tiny_model_dir):
@@ -95,32 +58,6 @@ def test_split_through_a_real_service(tmp_path, tiny_data, tiny_model_dir):
     run = json.loads((out / "cluster_seed0" / "metrics.json").read_text())
     assert not run["final"]["inference"]["hybrid"] and run["split_0.3"]["inference"]["split"] == 0.3
     assert (out / "cluster_seed0" / "samples" / "split_0.3" / "client_1" / "0000.png").is_file()
-
-
-def test_privacy_modes_then_reuse_and_refuse(tmp_path, tiny_data, tiny_model_dir, capsys):
-    out = tmp_path / "privacy"
-    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "plain,private") == 0  # the defenses: test_privacy.py
-    check_report(
-        out,
-        ["## What the training edge server receives", "## Utility", "## Clustering per round"],
-        ["plots/utility.png", "plots/ari_per_round.png"],
-    )
-    rows = read_results(out)
-    assert list(rows) == ["plain", "private"]
-    for row in rows.values():
-        check_numbers(row, ["style_acc", "class_acc", "fid", "kid", "alignment", "ari", "ari_round_1"])
-    state = out / "private_seed0" / "rounds" / "round_001" / "state.json"
-    before = state.stat().st_mtime_ns
-    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private") == 0  # no training, no sampling
-    assert state.stat().st_mtime_ns == before and list(read_results(out)) == ["private"]
-    capsys.readouterr()
-    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private", "--num-clients", "3") == 2
-    assert "another config" in capsys.readouterr().err
-    saved = out / "private_seed0" / "config.toml"  # a run of an older fedaigc: no timestep_bias yet (it trained uniform)
-    saved.write_text("".join(line for line in saved.read_text().splitlines(True) if not line.startswith("timestep_bias")))
-    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private") == 2  # not taken for a bias-2 run
-    assert "older fedaigc" in (err := capsys.readouterr().err) and "client.timestep_bias" in err
-    assert state.stat().st_mtime_ns == before
 
 
 def test_mean_and_std_over_seeds(tmp_path):

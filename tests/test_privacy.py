@@ -2,18 +2,18 @@
 the attribute-inference attacks, and a tiny `fedaigc experiment privacy`."""
 
 import copy
-import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from experiment_checks import check_numbers, check_report, experiment, read_results
 from safetensors.torch import load_file
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from fedaigc.cli import main
 from fedaigc.client.client_app import build_client
 from fedaigc.client.privacy import EmbeddingGuard, analytic_gaussian_sigma, composed_epsilon, rotation
 from fedaigc.eval.attacks import accuracy, chance, invert, match_geometry, probe, vocabulary_rank
@@ -119,10 +119,16 @@ def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny
         assert not torch.allclose(rot_agg.cluster_slots[k], slot, atol=1e-2)  # the server never sees the real slot
 
 
-def test_privacy_experiment_attacks_and_report(tmp_path, tiny_data, tiny_model_dir):
-    out = tmp_path / "privacy"
-    args = ["experiment", "privacy", "--preset", "tiny", "--data", str(tiny_data), "--model", str(tiny_model_dir)]
-    assert main([*args, "--out", str(out), "--rounds", "1", "--num-clients", "2", "--only", "private,noised"]) == 0
+@pytest.fixture(scope="module")
+def privacy_run(tmp_path_factory, tiny_data, tiny_model_dir):
+    """One tiny privacy experiment (three settings) for the tests below: each setting is a Ray start-up."""
+    out = tmp_path_factory.mktemp("privacy") / "privacy"
+    assert experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "plain,private,noised") == 0
+    return out
+
+
+def test_privacy_experiment_attacks_and_report(privacy_run):
+    out = privacy_run
     report = (out / "report.md").read_text()
     for section in [
         "## Privacy and utility",
@@ -133,15 +139,16 @@ def test_privacy_experiment_attacks_and_report(tmp_path, tiny_data, tiny_model_d
         assert f"\n{section}\n" in report, section
     for png in ["attacks", "noise_sweep", "utility", "ari_per_round"]:
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000 and f"](plots/{png}.png)" in report
-    with (out / "results.csv").open() as f:
-        rows = {row["setting"]: row for row in csv.DictReader(f)}
-    assert list(rows) == ["private", "noised"]
+    rows = read_results(out)
+    assert list(rows) == ["plain", "private", "noised"]
+    for name in ("plain", "private"):
+        check_numbers(rows[name], ["style_acc", "class_acc", "fid", "kid", "alignment", "ari", "ari_round_1"])
     for row in rows.values():
         attacks = [c for c in row if c.startswith("atk_") and not c.endswith("_std")]
         assert len(attacks) == 11
         assert all(0 <= float(row[c]) <= 1 for c in attacks)
     assert rows["private"]["sigma"] == "" and float(rows["noised"]["epsilon_round"]) == 8
-    assert all(1 <= float(row[f"vocab_rank_{w}"]) <= 30522 for row in rows.values() for w in ("r1", "final"))
+    assert all(1 <= float(rows[n][f"vocab_rank_{w}"]) <= 30522 for n in ("private", "noised") for w in ("r1", "final"))
     assert float(rows["noised"]["sigma"]) == pytest.approx(analytic_gaussian_sigma(8.0, 1e-5, 1.0), rel=1e-4)
     sweep = json.loads((out / "noise_sweep.json").read_text())
     assert [s["epsilon"] for s in sweep] == sorted(s["epsilon"] for s in sweep)
@@ -158,3 +165,29 @@ def test_privacy_experiment_attacks_and_report(tmp_path, tiny_data, tiny_model_d
             emb = torch.from_numpy(view.rows["emb_r1"][members])
             w = torch.tensor(agg.member_weights([16] * len(members), emb, torch.tensor(centroid)), dtype=torch.float64)
             assert torch.allclose((emb * (w / w.sum())[:, None]).sum(0), stored, atol=1e-5)  # a replay: float noise
+
+
+def test_privacy_modes_then_reuse_and_refuse(privacy_run, tmp_path, tiny_data, tiny_model_dir, capsys):
+    check_report(
+        privacy_run,
+        ["## What the training edge server receives", "## Utility", "## Clustering per round"],
+        ["plots/utility.png", "plots/ari_per_round.png"],
+    )
+    out = tmp_path / "privacy"  # a copy: this test rewrites a run's config
+    shutil.copytree(privacy_run, out)
+
+    def again(*extra: str) -> int:
+        return experiment("privacy", out, tiny_data, tiny_model_dir, "--only", "private", *extra)
+
+    state = out / "private_seed0" / "rounds" / "round_001" / "state.json"
+    before = state.stat().st_mtime_ns
+    assert again() == 0  # no training, no sampling
+    assert state.stat().st_mtime_ns == before and list(read_results(out)) == ["private"]
+    capsys.readouterr()
+    assert again("--num-clients", "3") == 2
+    assert "another config" in capsys.readouterr().err
+    saved = out / "private_seed0" / "config.toml"  # a run of an older fedaigc: no timestep_bias yet (it trained uniform)
+    saved.write_text("".join(line for line in saved.read_text().splitlines(True) if not line.startswith("timestep_bias")))
+    assert again() == 2  # not taken for a bias-2 run
+    assert "older fedaigc" in (err := capsys.readouterr().err) and "client.timestep_bias" in err
+    assert state.stat().st_mtime_ns == before
