@@ -9,7 +9,13 @@ Per federation seed, for both rules: raw cosines of the first passes cut at `mer
 similarities a cut has to fall between: the lowest at which average linkage completes a style's
 clients (last within-style merge) and the highest at which it first merges two styles.
 
+`--save DIR` writes each seed's Gram matrix of first passes and repeats (what both rules need) to
+`DIR/<styles>_seed<N>.npz` as soon as the seed is done; `--load DIR` evaluates the saved seeds
+without building a model, and `--centred` first removes the federation's mean pass from every pass
+(a diagnostic: the server does not centre).
+
     python benchmarks/profile_separation.py [--styles default|heldout] [--seeds 0,1,2,3,4] [--clients 8]
+        [--save DIR | --load DIR [--centred]]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +31,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from fedaigc.client.client_app import build_client
-from fedaigc.config import preset
+from fedaigc.config import Config, FederationConfig, preset
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server import aggregation as agg
@@ -46,45 +53,83 @@ def merge_margin(similarity: np.ndarray, domains: list[str]) -> tuple[float, flo
     return min(within, default=float("nan")), max(across, default=float("nan"))
 
 
-def main() -> None:
+def centre(g: np.ndarray) -> np.ndarray:
+    """Gram matrix of the passes minus their mean (H G H, H = I − 11ᵀ/m): the federation's mean
+    profile removed from every pass, from inner products alone."""
+    h = np.eye(len(g)) - 1.0 / len(g)
+    return h @ g @ h
+
+
+def rows(g: np.ndarray, domains: list[str], fed: FederationConfig) -> list[tuple[str, float, int, float, float]]:
+    """(rule, ARI, K, last within, first across) of both rules on the 2n x 2n Gram `g` of first
+    passes (rows 0..n-1) and repeats."""
+    n = len(domains)
+    norms = np.sqrt(np.diag(g)[:n])
+    rules = {
+        "raw": (g[:n, :n] / np.outer(norms, norms), fed.merge_similarity),
+        "rho": (reference_similarity(g), fed.merge_agreement),
+    }
+    out = []
+    for name, (similarity, cut) in rules.items():
+        labels = cluster_similarity(similarity, cut)
+        out.append((name, clustering_ari(domains, list(labels)), len(set(labels)), *merge_margin(similarity, domains)))
+    return out
+
+
+def replay(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]:
+    """Gram matrix of round 1's profiling passes and repeats of `n` clients, and their domains."""
+    fed = cfg.federation
+    firsts, repeats, domains = [], [], []
+    for cid in range(n):
+        client = build_client(cfg, cid, n)
+        generator = torch.Generator().manual_seed(derived_seed(fed.seed, 1, cid))
+        upload = client.train_round(
+            None, None, 0, generator, profile_steps=fed.profile_steps, profile_bias=cfg.client.timestep_bias
+        )
+        firsts.append(agg.change(upload.profile, None))
+        repeats.append(agg.change(upload.profile_repeat, None))
+        domains.append(client.domain)
+    return agg.gram(firsts + repeats).numpy(), domains
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--styles", default="default", help="data.styles of the generated set (default: default)")
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="federation seeds, comma-separated (default: 0,1,2,3,4)")
+    ap.add_argument("--seeds", default=None, help="federation seeds, comma-separated (default: 0,1,2,3,4; with --load all saved)")
     ap.add_argument("--clients", type=int, default=None, help="clients (default: the preset's 8; 7 leaves one style one client)")
-    args = ap.parse_args()
+    ap.add_argument("--save", type=Path, default=None, help="write each seed's Gram matrix to DIR/<styles>_seed<N>.npz")
+    ap.add_argument("--load", type=Path, default=None, help="evaluate the Gram matrices saved in DIR instead of training")
+    ap.add_argument("--centred", action="store_true", help="remove the mean pass from every pass first (diagnostic)")
+    args = ap.parse_args(argv)
     base = preset("demo")
     base.data.styles = args.styles
     fed = base.federation
-    n = args.clients or fed.num_clients
-    steps, bias = fed.profile_steps, base.client.timestep_bias
-    print(f"{args.styles} styles, {n} clients, profiling pass {steps} steps at timestep bias {bias} and its repeat")
+    if args.load is not None:
+        files = {int(f.stem.rsplit("seed", 1)[1]): f for f in args.load.glob(f"{args.styles}_seed*.npz")}
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else sorted(files)
+        if not seeds or any(s not in files for s in seeds):
+            ap.error(f"--load: no {args.styles}_seed<N>.npz in {args.load} for seeds {args.seeds or 'any'}")
+        print(f"{args.styles} styles, Gram matrices from {args.load}{' centred' if args.centred else ''}")
+    else:
+        seeds = [int(s) for s in (args.seeds or "0,1,2,3,4").split(",")]
+        n = args.clients or fed.num_clients
+        print(f"{args.styles} styles, {n} clients, profiling pass {fed.profile_steps} steps at timestep bias "
+              f"{base.client.timestep_bias} and its repeat")
     print(f"raw: first passes at merge_similarity {fed.merge_similarity}; rho: both at merge_agreement {fed.merge_agreement}")
     print(f"{'seed':>4s} {'rule':>4s} {'ARI':>5s} {'K':>2s} {'last within':>11s} {'first across':>12s} {'seconds':>7s}")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        cfg = dataclasses.replace(base, federation=dataclasses.replace(fed, seed=seed, num_clients=n))
-        t0 = time.perf_counter()
-        firsts, repeats, domains = [], [], []
-        for cid in range(n):
-            client = build_client(cfg, cid, n)
-            generator = torch.Generator().manual_seed(derived_seed(seed, 1, cid))
-            upload = client.train_round(None, None, 0, generator, profile_steps=steps, profile_bias=bias)
-            firsts.append(agg.change(upload.profile, None))
-            repeats.append(agg.change(upload.profile_repeat, None))
-            domains.append(client.domain)
-        g = agg.gram(firsts + repeats).numpy()
-        norms = np.sqrt(np.diag(g)[:n])
-        rules = {
-            "raw": (g[:n, :n] / np.outer(norms, norms), fed.merge_similarity),
-            "rho": (reference_similarity(g), fed.merge_agreement),
-        }
-        seconds = time.perf_counter() - t0
-        for name, (similarity, cut) in rules.items():
-            labels = cluster_similarity(similarity, cut)
-            within, across = merge_margin(similarity, domains)
-            ari = clustering_ari(domains, list(labels))
-            k = len(set(labels))
+    for seed in seeds:
+        if args.load is not None:
+            saved = np.load(files[seed])
+            g, domains, seconds = saved["gram"], [str(d) for d in saved["domains"]], float(saved["seconds"])
+        else:
+            t0 = time.perf_counter()
+            g, domains = replay(dataclasses.replace(base, federation=dataclasses.replace(fed, seed=seed, num_clients=n)), n)
+            seconds = time.perf_counter() - t0
+            if args.save is not None:
+                args.save.mkdir(parents=True, exist_ok=True)
+                np.savez(args.save / f"{args.styles}_seed{seed}.npz", gram=g, domains=np.array(domains), n=n, seconds=seconds)
+        for name, ari, k, within, across in rows(centre(g) if args.centred else g, domains, fed):
             print(f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f}", flush=True)
-
 
 if __name__ == "__main__":
     main()

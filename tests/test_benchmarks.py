@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import federation_overhead  # noqa: E402
 import many_clients  # noqa: E402
+import profile_separation  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -80,3 +82,24 @@ def test_run_all_prints_finite_figures(name):
         value = float(line.split(": ", 1)[1].split(" ", 1)[0])
         assert math.isfinite(value) and value >= 0, line
     assert run_all.figures("no_such_benchmark", quick=True) == (["no_such_benchmark: missing"], None)
+
+
+def test_profile_separation_evaluates_saved_grams_without_a_model(tmp_path, capsys):
+    """Planted passes: four orthogonal style directions, two clients each, two noisy passes per
+    client; `--load` clusters them from the saved Gram matrix alone, centred or not."""
+    rng = np.random.default_rng(0)
+    styles = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    means = np.eye(4, 64)[[ord(s) - ord("a") for s in styles]] * 3.0
+    passes = np.concatenate([means + rng.normal(0, 0.1, means.shape), means + rng.normal(0, 0.1, means.shape)])
+    np.savez(tmp_path / "heldout_seed7.npz", gram=passes @ passes.T, domains=np.array(styles), n=8, seconds=5.0)
+    across = {}
+    for extra in ([], ["--centred"]):
+        profile_separation.main(["--styles", "heldout", "--load", str(tmp_path), *extra])
+        table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("   7")]
+        assert [row[:4] for row in table] == [["7", "raw", "1.00", "4"], ["7", "rho", "1.00", "4"]]
+        assert all(float(row[4]) > 0.8 for row in table)
+        across[bool(extra)] = [float(row[5]) for row in table]
+    assert all(abs(a) < 0.1 for a in across[False])  # orthogonal styles
+    assert all(a < -0.2 for a in across[True])  # four centred orthogonal directions: cosines -1/3
+    with pytest.raises(SystemExit):
+        profile_separation.main(["--styles", "default", "--load", str(tmp_path)])
