@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedaigc.protocol.lora import Adapter
+from fedaigc.protocol.lora import Adapter, flatten, unflatten
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -115,19 +115,6 @@ def fedit_error(adapters: Sequence[Adapter], weights: Sequence[float]) -> float:
         diff = lowrank_fro(torch.cat([bm] + [-b for b in bs], 1), torch.cat([am] + [a for _, a in fs], 0))
         errs.append(diff / exact_norm)
     return float(sum(errs) / len(errs)) if errs else 0.0
-
-
-def flatten(adapter: Adapter) -> torch.Tensor:
-    return torch.cat([adapter[k].double().reshape(-1) for k in sorted(adapter)])
-
-
-def unflatten(vector: torch.Tensor, like: Adapter) -> Adapter:
-    out, i = {}, 0
-    for k in sorted(like):
-        n = like[k].numel()
-        out[k] = vector[i : i + n].reshape(like[k].shape).to(like[k].dtype)
-        i += n
-    return out
 
 
 def geometric_median(points: torch.Tensor, weights: Sequence[float], iters: int = 100, tol: float = 1e-8) -> torch.Tensor:
