@@ -33,12 +33,12 @@ from server_scale import demo_shapes, sd15_shapes  # benchmarks/ is on the path 
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fedaigc import config
+from fedaigc.eval.evaluate import evaluate_run
 from fedaigc.model.base import load_model
 from fedaigc.protocol.adapter_files import read_adapter_file
 from fedaigc.protocol.lora import TEXT_ATTENTION, Adapter
 from fedaigc.protocol.wire import bytes_of, from_wire, to_wire, wire_dtype
 from fedaigc.server import aggregation as agg
-from fedaigc.server.federate import evaluate_run
 from fedaigc.server.rundir import RunDir
 
 TARGET = 0.02  # the expectation: the upload is < 2 % of the full UNet

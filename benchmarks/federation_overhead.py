@@ -33,10 +33,10 @@ from fedaigc.config import Config, preset
 from fedaigc.protocol.lora import Adapter
 from fedaigc.protocol.round import Upload
 from fedaigc.protocol.seeds import derived_seed
-from fedaigc.server.federate import simulate
 from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator
+from fedaigc.simulation.federate import simulate
 
 TARGET = 1.25
 

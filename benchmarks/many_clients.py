@@ -25,8 +25,8 @@ import psutil
 
 from fedaigc.config import preset
 from fedaigc.eval.plots import curves
-from fedaigc.server.federate import simulate
 from fedaigc.server.rundir import RunDir
+from fedaigc.simulation.federate import simulate
 
 MIB = 2**20
 

@@ -46,7 +46,7 @@ from fedaigc.data.render import CLASSES, STYLE_WORDS
 from fedaigc.inference.auth import write_new_tokens
 from fedaigc.inference.device import InferenceServer, personal_model
 from fedaigc.model.recipe import recipe
-from fedaigc.server.federate import simulate
+from fedaigc.simulation.federate import simulate
 
 MIB = 2**20
 # SD-1.5's text encoder, VAE and UNet (its defaults are SD-1.x's), or the tests' 16-px shapes

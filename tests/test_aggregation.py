@@ -1,5 +1,10 @@
 """Property tests of the aggregation math on small random LoRAs (no Flower, no model)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +14,7 @@ from fedaigc.protocol.lora import flatten
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster, match_ids
 
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 SHAPES = {"x.attn.to_q": (12, 10), "x.attn.to_out.0": (10, 12), "y.conv1": (6, 4, 3, 3)}
 
 
@@ -181,6 +187,29 @@ def test_the_gram_of_low_rank_changes_is_that_of_the_full_matrices():
     g = agg.gram(changes)
     assert torch.allclose(g, want.double(), rtol=1e-5)
     points = agg.gram_points(g)
-    assert np.allclose(points @ points.T, g.numpy(), rtol=1e-6, atol=1e-6 * float(g.abs().max()))
+    assert torch.allclose(points @ points.T, g, rtol=1e-6, atol=1e-6 * float(g.abs().max()))
     with pytest.raises(ValueError, match="no LoRA layer"):
         agg.change(after[0], None, prefix="unet.")
+
+
+def test_the_server_math_imports_without_a_model_stack():
+    """Aggregation, clustering and defense are pure functions of tensors: they import with diffusers,
+    peft, transformers and flwr absent (a server-side or test user needs none of them)."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'diffusers', 'peft', 'transformers', 'flwr'}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import fedaigc.server.aggregation, fedaigc.server.clustering, fedaigc.server.defense, fedaigc.protocol.lora\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC})
+    assert done.returncode == 0, done.stderr
+    leaked = subprocess.run(
+        [sys.executable, "-c", code.replace("fedaigc.server.aggregation", "fedaigc.client.train")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert "blocked" in leaked.stderr  # the check bites: the client's training needs the model stack

@@ -40,7 +40,7 @@ def no_ray(monkeypatch):
         raise SimulationStarted
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", started)
-    monkeypatch.setattr("fedaigc.server.federate.evaluate_run", started)
+    monkeypatch.setattr("fedaigc.eval.evaluate.evaluate_run", started)
 
 
 def refused(capsys, code: int, *needles: str) -> str:

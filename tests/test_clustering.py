@@ -85,7 +85,7 @@ def test_the_server_clusters_by_its_clients_own_reference_newcomers_join_by_it_a
     styles = dict(enumerate(STYLES))
     noise = 2.0  # some raw cosines within a style below `merge_similarity`, which would split their style
     first = {c: style_upload(c, s, noise) for c, s in styles.items()}
-    raw = normalize(agg.gram_points(agg.gram([agg.change(u.profile, None) for u in first.values()])))
+    raw = normalize(agg.gram_points(agg.gram([agg.change(u.profile, None) for u in first.values()])).numpy())
     assert (raw @ raw.T)[np.equal.outer(STYLES, STYLES)].min() < cfg.merge_similarity
     report = server.aggregate(1, first)
     assert report.rejected == {} and clustering_ari(STYLES, [server.assignment[c] for c in styles]) == 1.0

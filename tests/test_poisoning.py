@@ -29,7 +29,7 @@ from fedaigc.errors import UserError
 from fedaigc.protocol.lora import flatten
 from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
-from fedaigc.server.defense import balanced, gram_points, layer_grams, screen_cluster
+from fedaigc.server.defense import balanced, screen_cluster, update_grams
 from fedaigc.server.strategies import Aggregator
 
 SHAPES = {"unet.attn.to_q": (12, 10), "text_encoder.attn.query": (10, 12), "unet.conv1": (6, 4, 3, 3)}
@@ -64,7 +64,7 @@ def test_the_gram_matrix_of_updates_is_that_of_the_full_delta_w():
     received = lora(g)
     ups = [lora(g) for _ in range(4)]
     for refs in ([received] * 4, [None, received, None, received]):
-        grams = layer_grams(ups, refs, SCALE)
+        grams = update_grams(ups, refs, SCALE)
         gram = grams.sum(0)
         flat = torch.stack(
             [
@@ -73,7 +73,7 @@ def test_the_gram_matrix_of_updates_is_that_of_the_full_delta_w():
             ]
         )
         assert torch.allclose(gram, flat @ flat.T, rtol=1e-9, atol=1e-9)
-        points = gram_points(gram)
+        points = agg.gram_points(gram)
         assert torch.allclose(points @ points.T, gram, rtol=1e-6, atol=1e-6 * gram.abs().max().item())
         # balanced: each layer's updates rescaled by one number, so its median squared norm is 1
         first = grams[0].diagonal().median()

@@ -196,7 +196,7 @@ def test_serve_and_hybrid_generate_on_the_sd_run(sd_run, sd_folders, tmp_path, d
 
 def test_client_actors_on_a_gpu_hold_one_sd_copy_per_gpu(monkeypatch, sd_folders, tiny_model_dir):
     """How many Ray actors (each one model copy) the simulation starts, and their GPU share."""
-    from fedaigc.server import federate
+    from fedaigc.simulation import federate
 
     cfg = config.load("demo")  # 8 clients
     monkeypatch.setattr(federate.os, "cpu_count", lambda: 16)

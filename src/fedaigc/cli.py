@@ -502,8 +502,9 @@ def cmd_evaluate(args) -> None:
 
 def rescore_run(args) -> None:
     """A finished run's adapters scored again with `--per-client` samples per client (device-only sampling)."""
-    from fedaigc.server.federate import evaluate_run, saved_run
+    from fedaigc.eval.evaluate import evaluate_run
     from fedaigc.server.rundir import RunDir
+    from fedaigc.simulation.federate import saved_run
 
     if args.out is not None:
         raise UserError("--run scores into the run directory itself: leave out --out")
@@ -531,7 +532,8 @@ def rescore_run(args) -> None:
 
 def cmd_federate(args) -> None:
     from fedaigc import config
-    from fedaigc.server.federate import evaluate_run, simulate
+    from fedaigc.eval.evaluate import evaluate_run
+    from fedaigc.simulation.federate import simulate
 
     flags = {
         "federation": {

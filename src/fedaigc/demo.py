@@ -16,14 +16,15 @@ from pathlib import Path
 from fedaigc import config
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, read_images, split
 from fedaigc.eval.base_model import evaluate_base
+from fedaigc.eval.evaluate import evaluate_run
 from fedaigc.eval.plots import curves, grouped_bars
 from fedaigc.eval.report import markdown_table, save_grid
 from fedaigc.eval.scoring import SCORES
 from fedaigc.inference.device import InferenceServer
 from fedaigc.inference.service import run_service
 from fedaigc.model.base import pick_device
-from fedaigc.server.federate import evaluate_run, simulate
 from fedaigc.server.rundir import RunDir
+from fedaigc.simulation.federate import simulate
 
 log = logging.getLogger(__name__)
 

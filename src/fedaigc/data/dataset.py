@@ -7,7 +7,6 @@ that layout, so the real PACS works unchanged; the writer produces the procedura
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +17,9 @@ from tqdm.auto import tqdm
 
 from fedaigc.data.render import CLASSES, DOMAINS, STYLE_SETS, STYLE_WORDS, render
 from fedaigc.errors import UserError
+from fedaigc.protocol.seeds import derived_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-def image_seed(seed: int, domain: str, cls: str, index: int) -> int:
-    """A stable per-image seed (crc32, not Python's salted hash)."""
-    return zlib.crc32(f"{seed}/{domain}/{cls}/{index}".encode())
 
 
 def style_set(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -41,7 +36,7 @@ def write_dataset(out: Path, per_class: int, size: int = 32, seed: int = 0, doma
     for d, c, i in tqdm(jobs, desc="rendering images", unit="img", leave=False):
         path = out / d / c / f"{i:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        render(d, c, image_seed(seed, d, c, i), size).save(path, optimize=False)
+        render(d, c, derived_seed(seed, d, c, i), size).save(path, optimize=False)
     manifest = {
         "generator": "fedaigc.data.render",
         "seed": seed,

@@ -20,11 +20,12 @@ import torch
 from fedaigc import config
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, read_images, split
 from fedaigc.errors import UserError
+from fedaigc.eval.evaluate import evaluate_run
 from fedaigc.eval.report import markdown_table, save_grid
 from fedaigc.eval.scoring import SCORES
-from fedaigc.server.federate import evaluate_run, simulate
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.strategies import Aggregator
+from fedaigc.simulation.federate import simulate
 
 log = logging.getLogger("fedaigc.experiments")
 

@@ -23,6 +23,7 @@ from fedaigc import config
 from fedaigc.client.attacks import TRIGGER, backdoor_target, trigger_class
 from fedaigc.client.client_app import build_client
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, read_images, split
+from fedaigc.eval.evaluate import sample_seed
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import confident_accuracy
 from fedaigc.eval.plots import grouped_bars
@@ -41,7 +42,6 @@ from fedaigc.experiments.common import (
     write_results,
 )
 from fedaigc.inference.device import PersonalModel, generate
-from fedaigc.server.federate import sample_seed
 from fedaigc.server.rundir import RunDir, write_json
 from fedaigc.server.strategies import Aggregator
 

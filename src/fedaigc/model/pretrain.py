@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ from fedaigc.config import Config
 from fedaigc.data.dataset import ImageFolder, split
 from fedaigc.errors import UserError
 from fedaigc.model.base import build_model, pick_device, save_model
+from fedaigc.paths import replacing
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,8 @@ def save_checkpoint(state: dict, path: Path, cfg: Config) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tree = _split(state, "state", tensors)
     used = {name: asdict(cfg)[name] for name in RESUMED_BY}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"fedaigc.checkpoint": json.dumps(tree), "fedaigc.config": json.dumps(used)})
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"fedaigc.checkpoint": json.dumps(tree), "fedaigc.config": json.dumps(used)})
 
 
 def load_checkpoint(path: Path, cfg: Config) -> dict:

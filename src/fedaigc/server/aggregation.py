@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from fedaigc.protocol.lora import Adapter, flatten, unflatten
@@ -180,32 +179,40 @@ def change(after: Adapter, start: Adapter | None, prefix: str = "unet.") -> Adap
         if start is not None:
             b0, a0 = factors(start, layer)
             b, a = torch.cat([b, -b0], 1), torch.cat([a, a0], 0)
-        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = a.float(), b.float()
+        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = a, b
     if not out:
         raise ValueError(f"change: the adapter has no LoRA layer named {prefix}...")
     return out
 
 
-def gram(changes: Sequence[Adapter]) -> torch.Tensor:
-    """Inner products ⟨ΔW_i, ΔW_j⟩ (summed over layers, Frobenius) of low-rank changes, from the
-    factors: ⟨B_i A_i, B_j A_j⟩ = Σ_rs (B_iᵀ B_j)_rs (A_i A_jᵀ)_rs, so no ΔW is formed. Ranks may
-    differ between changes (zero-padded)."""
-    n = len(changes)
-    out = torch.zeros(n, n, dtype=torch.float64)
-    for layer in layers(changes[0]):
+def layer_grams(changes: Sequence[Adapter]) -> torch.Tensor:
+    """(layers, n, n): per layer, the inner products ⟨ΔW_i, ΔW_j⟩ (Frobenius) of low-rank changes,
+    from the factors: ⟨B_i A_i, B_j A_j⟩ = Σ_rs (B_iᵀ B_j)_rs (A_i A_jᵀ)_rs, so no ΔW is formed.
+    Ranks may differ between changes (zero-padded)."""
+    names = layers(changes[0])
+    out = torch.zeros(len(names), len(changes), len(changes), dtype=torch.float64)
+    for k, layer in enumerate(names):
         fs = [factors(c, layer) for c in changes]
         r = max(b.shape[1] for b, _ in fs)
         b = torch.stack([torch.nn.functional.pad(b, (0, r - b.shape[1])) for b, _ in fs])  # (n, out, r)
         a = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])) for _, a in fs])  # (n, r, in)
-        out += (torch.einsum("nor,mos->nmrs", b, b) * torch.einsum("nri,msi->nmrs", a, a)).sum((2, 3))
+        out[k] = (torch.einsum("nor,mos->nmrs", b, b) * torch.einsum("nri,msi->nmrs", a, a)).sum((2, 3))
     return out
 
 
-def gram_points(g: torch.Tensor) -> np.ndarray:
-    """Points whose inner products are `g` (rows of V·√Λ from its eigendecomposition): the same
-    cosines as the changes themselves, in n dimensions, for code that clusters vectors."""
+def gram(changes: Sequence[Adapter]) -> torch.Tensor:
+    """The inner products of low-rank changes summed over their layers (`layer_grams`)."""
+    out = torch.zeros(len(changes), len(changes), dtype=torch.float64)
+    for g in layer_grams(changes):
+        out += g
+    return out
+
+
+def gram_points(g: torch.Tensor) -> torch.Tensor:
+    """n points in Rⁿ whose inner products are `g` (rows of V·√Λ from its eigendecomposition): the
+    changes' distances and angles, exactly, in n numbers each, for code that clusters vectors."""
     values, vectors = torch.linalg.eigh(g.double())
-    return (vectors * values.clamp(min=0).sqrt()).numpy()
+    return vectors * values.clamp(min=0).sqrt()
 
 
 def ded(cluster_embeddings: dict[int, torch.Tensor], shares: dict[int, float]) -> dict[int, float]:

@@ -16,29 +16,16 @@ from collections.abc import Sequence
 import torch
 
 from fedaigc.protocol.lora import Adapter
-from fedaigc.server.aggregation import factors, geometric_median, layers
+from fedaigc.server import aggregation as agg
 
 MIN_MEMBERS = 3  # below this a median cannot out-vote one attacker: such clusters are not screened
 
 
-def layer_grams(uploaded: Sequence[Adapter], received: Sequence[Adapter | None], scale: float) -> torch.Tensor:
-    """(layers, n, n): per layer, the Gram matrix of the members' ΔW updates, ⟨U_i, U_j⟩ =
-    sum((B_iᵀB_j) ∘ (A_i A_jᵀ)) with U_i = [s·B_i, -s·B_0] [A_i; A_0] written as one thin product."""
-    n = len(uploaded)
-    names = layers(uploaded[0])
-    grams = torch.zeros(len(names), n, n, dtype=torch.float64)
-    for k, layer in enumerate(names):
-        thin = []
-        for up, ref in zip(uploaded, received, strict=True):
-            b, a = factors(up, layer)
-            if ref is not None:
-                b0, a0 = factors(ref, layer)
-                b, a = torch.cat([b, -b0], 1), torch.cat([a, a0], 0)
-            thin.append((scale * b, a))
-        for i in range(n):
-            for j in range(i, n):
-                grams[k, i, j] = grams[k, j, i] = ((thin[i][0].T @ thin[j][0]) * (thin[i][1] @ thin[j][1].T)).sum()
-    return grams
+def update_grams(uploaded: Sequence[Adapter], received: Sequence[Adapter | None], scale: float) -> torch.Tensor:
+    """(layers, n, n): per layer, the Gram matrix of the members' ΔW updates U_i = s·(B_i A_i − B_0 A_0)
+    against what each was sent (`aggregation.change`, `aggregation.layer_grams`), text encoder included."""
+    changes = [agg.change(up, ref, prefix="") for up, ref in zip(uploaded, received, strict=True)]
+    return scale**2 * agg.layer_grams(changes)
 
 
 def balanced(grams: torch.Tensor) -> torch.Tensor:
@@ -50,19 +37,12 @@ def balanced(grams: torch.Tensor) -> torch.Tensor:
     return (grams[keep] / typical[keep, None, None]).sum(0)
 
 
-def gram_points(gram: torch.Tensor) -> torch.Tensor:
-    """n points in Rⁿ whose Gram matrix is `gram` (X Xᵀ = G, from its eigendecomposition): the
-    updates' distances and angles, exactly, in n numbers each."""
-    eigenvalues, vectors = torch.linalg.eigh(gram)
-    return vectors * eigenvalues.clamp(min=0).sqrt()
-
-
 def leave_one_out_cosines(points: torch.Tensor) -> torch.Tensor:
     """Each point's cosine to the geometric median of the others (equal votes: a claimed example
     count buys no weight). Honest updates of one style share a direction only weakly (measured on
     the demo: pairwise cosines about 0-0.3 after 40 local steps), so a point's own vote would hide an outlier."""
     n = len(points)
-    medians = [geometric_median(points[[j for j in range(n) if j != i]], [1.0] * (n - 1)) for i in range(n)]
+    medians = [agg.geometric_median(points[[j for j in range(n) if j != i]], [1.0] * (n - 1)) for i in range(n)]
     return torch.nn.functional.cosine_similarity(points, torch.stack(medians), dim=1, eps=1e-12)
 
 
@@ -80,9 +60,9 @@ def screen_cluster(
     ids = sorted(uploaded)
     if len(ids) < MIN_MEMBERS:
         return ids, {}
-    grams = layer_grams([uploaded[c] for c in ids], [received[c] for c in ids], scale)
+    grams = update_grams([uploaded[c] for c in ids], [received[c] for c in ids], scale)
     norms = grams.sum(0).diagonal().sqrt()
-    cosines = leave_one_out_cosines(gram_points(balanced(grams)))
+    cosines = leave_one_out_cosines(agg.gram_points(balanced(grams)))
     median_norm, median_cos = norms.median().item(), cosines.median().item()
     rejected: dict[int, str] = {}
     for c, n, cos in zip(ids, norms.tolist(), cosines.tolist(), strict=True):

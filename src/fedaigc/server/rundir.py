@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from fedaigc import config
 from fedaigc.errors import UserError
+from fedaigc.paths import replacing
 from fedaigc.protocol.adapter_files import save_adapter
 from fedaigc.protocol.lora import LoraSpec
 from fedaigc.server.strategies import Aggregator
@@ -50,9 +51,8 @@ FREE_KEYS = {"federation.rounds"}  # may change between a run's rounds without -
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: Path):
@@ -161,9 +161,8 @@ class RunDir:
             if f.is_file() and f.name not in names:
                 f.unlink()
         for name in sorted(names):
-            tmp = folder / f"{name}.tmp"
-            shutil.copyfile(folder / f"round_{r:03d}" / name, tmp)
-            os.replace(tmp, folder / name)
+            with replacing(folder / name) as tmp:
+                shutil.copyfile(folder / f"round_{r:03d}" / name, tmp)
 
     def _write_adapters(self, folder: Path, aggregator: Aggregator, spec: LoraSpec) -> None:
         for cid in sorted(aggregator.assignment):

@@ -105,7 +105,7 @@ class ClusterStrategy(Strategy):
         return None, MetricRecord({"train-loss": float(loss), "clients": len(accepted)})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation happens after the run, on the personalized adapters (fedaigc/simulation/evaluate.py)
+        return []  # evaluation happens after the run, on the personalized adapters (fedaigc/eval/evaluate.py)
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         return None

@@ -290,7 +290,7 @@ class Aggregator:
         the inner products of their first rounds' UNet changes (`agg.gram_points`)."""
         if self.cfg.cluster_by == "embedding":
             return self._profiles(cids)[0]
-        return agg.gram_points(agg.gram([self.changes[c] for c in cids]))
+        return agg.gram_points(agg.gram([self.changes[c] for c in cids])).numpy()
 
     def _similarity(self, cids: list[int]) -> np.ndarray:
         """By updates, between the clients' first rounds' UNet changes: noise-corrected cosines of
