@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedaigc.config import PRESETS
 from fedaigc.errors import RunFailed, UserError
+from fedaigc.inference import MIX_MODES
 
 log = logging.getLogger("fedaigc")
 
@@ -129,9 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", type=float, metavar="S", help="server's share of the steps, 0.1-0.4 (default: the preset's, 0.3)")
     p.add_argument(
+        "--mix",
+        choices=list(MIX_MODES),
+        default="auto",
+        help="the adapters of --server's steps: "
+        + "; ".join(f"{k}: {v}" for k, v in MIX_MODES.items())
+        + ". Every mode but auto sends no task embedding: the server learns nothing of your cluster (default: auto)",
+    )
+    p.add_argument(
         "--weights",
         metavar="W0,W1,..",
-        help="explicit cluster weights for the server's steps, one per cluster (default: from your task embedding)",
+        help="explicit cluster weights for the server's steps with --mix auto, one per cluster (default: from your task "
+        "embedding)",
     )
     p.add_argument("--out", type=Path, required=True, metavar="PNG", help="output PNG (a grid when --n > 1)")
     p.set_defaults(func=cmd_generate)
@@ -396,6 +406,7 @@ def cmd_generate(args) -> None:
         split=cfg.sample.split,
         weights=weights,
         guidance_rescale=cfg.sample.guidance_rescale,
+        mix=args.mix,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.n == 1:
@@ -405,7 +416,8 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.n} image(s) to {args.out}")
     if server is not None:
         print(
-            f"server ran {result.server_steps} of {cfg.sample.steps} steps; this device {result.device_seconds:.2f} s; "
+            f"server ran {result.server_steps} of {cfg.sample.steps} steps (mix={args.mix}); "
+            f"this device {result.device_seconds:.2f} s; "
             f"sent {server.bytes_sent} B, received {server.bytes_received} B"
         )
 
