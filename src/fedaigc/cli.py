@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: all)",
     )
     p.add_argument(
+        "--modes",
+        metavar="A,B",
+        help=f"split: the modes of the server's steps, from {','.join(MIX_MODES)} (see `generate --mix`; default: all)",
+    )
+    p.add_argument(
         "--num-clients",
         type=int,
         metavar="N",
@@ -586,7 +591,10 @@ def cmd_experiment(args) -> None:
     cfg = _config(args, federation={"num_clients": args.num_clients, "rounds": args.rounds})
     out = args.out or Path(f"runs/experiment_{args.name}")
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
-    report, summary = run_experiment(args.name, cfg, out, args.data, args.model, args.seeds, only, progress=not args.quiet)
+    modes = [x.strip() for x in args.modes.split(",") if x.strip()] if args.modes else None
+    report, summary = run_experiment(
+        args.name, cfg, out, args.data, args.model, args.seeds, only, progress=not args.quiet, modes=modes
+    )
     print(f"report: {report}; table: {out / 'results.csv'}")
     print(summary)
 

@@ -37,7 +37,7 @@ def saved_run(root: Path) -> tuple[config.Config, Path | None, Path | None]:
     sources = root / "sources.json"
     saved = read_json(sources) if sources.exists() else {}
     if not (isinstance(saved, dict) and all(isinstance(saved.get(k, ""), str) for k in ("data", "model"))):
-        raise UserError(f"{sources} is corrupt: expected {{\"data\": folder, \"model\": folder}}")
+        raise UserError(f'{sources} is corrupt: expected {{"data": folder, "model": folder}}')
     return cfg, Path(saved["data"]) if saved.get("data") else None, Path(saved["model"]) if saved.get("model") else None
 
 
@@ -140,6 +140,7 @@ def evaluate_run(
     progress: bool = True,
     server: InferenceServer | None = None,
     split_ratio: float = 0.3,
+    mix: str = "auto",
     key: str = "final",
     global_stack: bool = False,
     at_round: int | None = None,
@@ -148,7 +149,8 @@ def evaluate_run(
     """Each client generates `client.samples` images with its personalized adapter and token slot
     (FLoRA: the global stack merged into the base, no LoRA of its own) as the device would, and
     is scored against held-out real images of its dominant domain. With `server`, the images are
-    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps, the client the rest.
+    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps with the adapters
+    `mix` chooses (`inference.MIX_MODES`), the client the rest.
 
     The result goes to `metrics[key]` and the images to `samples/` (`samples/<key>/` for another
     key), so one run can be scored several ways. `global_stack` (cluster runs) scores the global
@@ -191,6 +193,7 @@ def evaluate_run(
             server=server,
             split=split_ratio,
             guidance_rescale=cfg.sample.guidance_rescale,
+            mix=mix,
         )
         images, device_seconds = made.images, device_seconds + made.device_seconds
         save_images(images, samples / f"client_{cid}")
@@ -214,6 +217,7 @@ def evaluate_run(
         "inference": {
             "hybrid": server is not None,
             "split": split_ratio if server is not None else 0.0,
+            "mix": mix if server is not None else None,
             "server_steps": made.server_steps,
             "device_seconds": device_seconds,
             "bytes_sent": server.bytes_sent if server else 0,
