@@ -197,14 +197,18 @@ def measure_hybrid(cfg: config.Config, sd: Path, run: Path, tmp: Path) -> None:
         cond, uncond = device.encode([f"a picture of a {CLASSES[i % len(CLASSES)]}" for i in range(16)])
         steps, guidance, split = cfg.sample.steps, cfg.sample.guidance, cfg.sample.split
         server = InferenceServer(url, token)
-        server.first_steps(cond[:1], uncond, 0, steps, split, guidance)  # warm-up
+        server.first_steps(cond[:1], uncond, 0, steps, split, guidance, mix="global")  # warm-up
         t0 = time.perf_counter()
-        state = server.first_steps(cond, uncond, 0, steps, split, guidance)
+        state = server.first_steps(cond, uncond, 0, steps, split, guidance, mix="global")
         one = time.perf_counter() - t0
         users = [InferenceServer(url, token) for _ in range(16)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda i: users[i].first_steps(cond[i : i + 1], uncond, i, steps, split, guidance), range(16)))
+            list(
+                pool.map(
+                    lambda i: users[i].first_steps(cond[i : i + 1], uncond, i, steps, split, guidance, mix="global"), range(16)
+                )
+            )
         many = time.perf_counter() - t0
     finally:
         proc.terminate()

@@ -43,21 +43,28 @@ def test_split_through_a_real_service(tmp_path, tiny_data, tiny_model_dir):
     assert experiment("split", out, tiny_data, tiny_model_dir, "--only", "0,0.3") == 0
     check_report(
         out,
-        ["## Quality and device compute per server share s"],
-        ["plots/quality_vs_split.png", "plots/fid_vs_split.png", "plots/device_time_vs_split.png"],
+        ["## Quality and device compute per server share s and mode"],
+        [f"plots/{p}_vs_split.png" for p in ("style", "class", "alignment", "fid", "device_time")],
     )
     rows = read_results(out)
-    assert list(rows) == ["s=0", "s=0.3"]
+    modes = ["auto", "global", "base", "uniform"]
+    assert list(rows) == ["s=0"] + [f"s=0.3/{m}" for m in modes]  # s = 0 once: it has no server steps
+    assert [row["mode"] for row in rows.values()] == ["-", *modes]
     for row in rows.values():
         check_numbers(row, ["style_acc", "class_acc", "fid", "kid", "alignment", "device_s_per_image", "device_time_ratio"])
         assert 0 <= float(row["pixel_change"]) <= 1
     assert float(rows["s=0"]["server_steps"]) == 0 and float(rows["s=0"]["kib_sent_per_image"]) == 0
     assert float(rows["s=0"]["device_time_ratio"]) == 1
-    assert float(rows["s=0.3"]["server_steps"]) == 2  # ceil(0.3 x 4 tiny steps)
-    assert float(rows["s=0.3"]["kib_sent_per_image"]) > 0 and float(rows["s=0.3"]["kib_received_per_image"]) > 0
+    for m in modes:
+        assert float(rows[f"s=0.3/{m}"]["server_steps"]) == 2  # ceil(0.3 x 4 tiny steps)
+        assert float(rows[f"s=0.3/{m}"]["kib_received_per_image"]) > 0
+    sent = {m: float(rows[f"s=0.3/{m}"]["kib_sent_per_image"]) for m in modes}
+    assert sent["auto"] > sent["global"] == sent["base"] == sent["uniform"] > 0  # only auto sends the task embedding
     run = json.loads((out / "cluster_seed0" / "metrics.json").read_text())
     assert not run["final"]["inference"]["hybrid"] and run["split_0.3"]["inference"]["split"] == 0.3
-    assert (out / "cluster_seed0" / "samples" / "split_0.3" / "client_1" / "0000.png").is_file()
+    assert run["split_0.3"]["inference"]["mix"] == "auto" and run["split_0.3_base"]["inference"]["mix"] == "base"
+    for key in ("split_0.3", "split_0.3_global", "split_0.3_base", "split_0.3_uniform"):
+        assert (out / "cluster_seed0" / "samples" / key / "client_1" / "0000.png").is_file()
 
 
 def test_mean_and_std_over_seeds(tmp_path):
@@ -73,4 +80,6 @@ def test_unknown_settings_fail_before_any_run(tmp_path, tiny_data, tiny_model_di
     assert "fedprox" in capsys.readouterr().err
     assert experiment("split", tmp_path / "s", tiny_data, tiny_model_dir, "--only", "0.9") == 2
     assert "[0, 0.5]" in capsys.readouterr().err
+    assert experiment("split", tmp_path / "s", tiny_data, tiny_model_dir, "--modes", "auto,cluster") == 2
+    assert "--modes: unknown mode 'cluster'" in capsys.readouterr().err
     assert not list((tmp_path / "a").glob("*_seed*")) and not (tmp_path / "s").exists()

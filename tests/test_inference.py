@@ -18,11 +18,12 @@ from serving import free_port, running_service
 from fedaigc.cli import main
 from fedaigc.client.adapter import attach_lora, expected_shapes, set_adapter
 from fedaigc.client.tokens import PrivateToken
+from fedaigc.errors import UserError
 from fedaigc.inference.auth import write_new_tokens
 from fedaigc.inference.device import InferenceServer, generate, personal_model
 from fedaigc.inference.mixing import ClusterMixer
 from fedaigc.inference.sampler import SplitState, finish, first_steps
-from fedaigc.inference.service import Limits, create_app
+from fedaigc.inference.service import Limits, create_app, serving
 from fedaigc.model.base import load_model
 from fedaigc.model.sampling import generate as generate_local
 from fedaigc.protocol.adapter_files import save_adapter
@@ -96,6 +97,11 @@ def test_one_hot_request_is_the_cluster_adapter_and_half_half_is_the_stack(tiny_
     batched = _unet(mixed, per_sample, mixer)
     alone = _unet(mixed, mixer.cluster_weights([1.0, 0.0]).expand(2, -1), mixer)
     assert (batched[0] - alone[0]).abs().max() < 1e-5 and (batched[1] - half[1]).abs().max() < 1e-5
+    # mix=base: every LoRA layer off for an all-base batch, a zero weight for a base row beside others
+    assert torch.equal(_unet(mixed, mixer.base_weights().expand(2, -1), mixer), base)
+    with_base = _unet(mixed, torch.stack([mixer.base_weights(), mixer.cluster_weights([0.0, 1.0])]), mixer)
+    assert (with_base[0] - base[0]).abs().max() < 1e-5 and (with_base[1] - one_hot[1]).abs().max() < 1e-5
+    assert mixer.uniform_weights().tolist() == [0.5, 0.5, 0.0] and mixer.uniform_weights([1]).tolist() == [0.0, 1.0, 0.0]
 
 
 def test_request_weights_follow_the_task_embedding(tiny_model_dir, cluster_run):
@@ -160,18 +166,73 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service, tiny_model_
         "split too large": (422, auth, save_tensors(good), {"split": 0.9}),
         "wrong number of weights": (422, auth, save_tensors({**good, "weights": torch.ones(5)}), {}),
         "negative weights": (422, auth, save_tensors({**good, "weights": torch.tensor([-1.0, 2.0])}), {}),
+        "auto without an embedding": (422, auth, save_tensors(good), {}),
+        "embedding with mix=base": (422, auth, save_tensors({**good, "task_embedding": torch.ones(3)}), {"mix": "base"}),
+        "unknown mix": (422, auth, save_tensors(good), {"mix": "cluster"}),
     }
     for name, (status, headers, body, params) in cases.items():
         r = httpx.post(f"{url}/v1/denoise", headers=headers, content=body, params={"steps": 4, **params}, timeout=30)
         assert r.status_code == status, (name, r.text)
         assert "detail" in r.json(), name
-    r = httpx.post(f"{url}/v1/denoise", headers=auth, content=save_tensors(good), params={"steps": 4, "split": 0.5}, timeout=30)
+    params = {"steps": 4, "split": 0.5, "mix": "global"}
+    r = httpx.post(f"{url}/v1/denoise", headers=auth, content=save_tensors(good), params=params, timeout=30)
     assert r.status_code == 200
     reply = load_tensors(r.content)
     assert reply["latents"].shape == (1, *model.latent_shape) and int(reply["step"]) == 2
-    assert torch.allclose(reply["weights"], torch.tensor([0.0, 0.0, 1.0]))  # no task embedding: the global stack
+    assert torch.allclose(reply["weights"], torch.tensor([0.0, 0.0, 1.0]))  # the global stack
     metrics = httpx.get(f"{url}/metrics", headers=auth, timeout=5).json()
     assert metrics["responses_by_status"]["422"] >= 8 and metrics["requests"] >= 1
+
+
+def test_each_mix_runs_its_adapters_and_only_auto_sends_the_embedding(tiny_model_dir, cluster_run, capsys):
+    """base = the base model's steps, global = the global stack, uniform = equal cluster weights, a
+    one-hot auto request = its cluster's adapter; the device's body carries no embedding but in auto."""
+    served = load_model(tiny_model_dir)
+    token = "m" * 20
+    device = personal_model(tiny_model_dir, cluster_run / "cluster_0.safetensors", cluster_run.parent / "style_token.safetensors")
+    cond, uncond = device.encode(["a <style> of a star"])
+    with serving(create_app(served, ClusterMixer(served, cluster_run), {token: "c"})) as url:
+        remote = InferenceServer(url, token)
+        sent = []
+        remote.http.event_hooks["request"].append(lambda request: sent.append(request))
+
+        def server_steps(mix, **kw):
+            return remote.first_steps(cond, uncond, 4, 6, 0.5, 3.0, mix=mix, **kw).latents
+
+        def local_steps(adapter=None, spec=SPEC):
+            model = load_model(tiny_model_dir)
+            if adapter is not None:
+                set_adapter(attach_lora(model, spec), _file(cluster_run / adapter))
+            return first_steps(model, cond, uncond, [4], 6, 0.5).latents
+
+        assert torch.equal(server_steps("base"), local_steps())
+        stack = LoraSpec(2 * SPEC.rank, 2.0 * SPEC.rank)
+        assert (server_steps("global") - local_steps("global.safetensors", stack)).abs().max() < 1e-5
+        assert (server_steps("auto", weights=[0.0, 1.0]) - local_steps("cluster_1.safetensors")).abs().max() < 1e-5
+        body = {"cond": cond, "uncond": uncond}
+        for mix, weights in (("global", [0, 0, 1]), ("uniform", [0.5, 0.5, 0]), ("base", [0, 0, 0])):
+            reply = httpx.post(
+                f"{url}/v1/denoise", params={"steps": 6, "mix": mix}, content=save_tensors(body), headers=remote.http.headers
+            )
+            assert load_tensors(reply.content)["weights"].tolist() == weights, mix
+        r = httpx.post(f"{url}/v1/denoise", params={"steps": 6}, content=save_tensors(body), headers=remote.http.headers)
+        assert r.status_code == 422 and "mix=auto needs the request's 'task_embedding'" in r.json()["detail"]
+        sent.clear()
+        for mix in ("global", "base", "uniform", "auto"):
+            generate(device, ["a <style> of a star"], 4, 6, 3.0, remote, 0.5, mix=mix)
+        bodies = [(r.url.params["mix"], set(load_tensors(r.content))) for r in sent if r.url.path == "/v1/denoise"]
+        assert bodies == [(m, {"cond", "uncond"}) for m in ("global", "base", "uniform")] + [
+            ("auto", {"cond", "uncond", "task_embedding"})
+        ]
+        tokenless = personal_model(tiny_model_dir, cluster_run / "cluster_0.safetensors")
+        with pytest.raises(UserError, match="mix=auto sends your task embedding"):
+            generate(tokenless, ["a star"], 4, 6, 3.0, remote, 0.5)
+        with pytest.raises(UserError, match="explicit cluster weights"):
+            generate(device, ["a star"], 4, 6, 3.0, remote, 0.5, weights=[1.0, 0.0], mix="global")
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--mix {auto,global,base,uniform}" in usage and all(f"{m}: " in usage for m in ("auto", "global", "base", "uniform"))
 
 
 def test_concurrent_requests_are_batched_and_match_single_runs(tiny_model_dir, cluster_run):

@@ -182,7 +182,8 @@ def test_serve_and_hybrid_generate_on_the_sd_run(sd_run, sd_folders, tmp_path, d
     args = ["generate", "--preset", "tiny", "--model", str(sd_folders["fp16"]), "--dtype", "float32"]
     args += ["--adapter", str(sd_run / "adapters" / "client_0.safetensors"), "--prompt", "a picture of a star"]
     with running_service(*serve, "--dtype", dtype) as url:
-        assert main([*args, "--n", "16", "--server", url, "--token", token, "--out", str(tmp_path / "h16.png")]) == 0
+        hybrid = ["--server", url, "--token", token, "--mix", "global"]
+        assert main([*args, "--n", "16", *hybrid, "--out", str(tmp_path / "h16.png")]) == 0
         assert main([*args, "--server", url, "--token", token, "--weights", "1", "--out", str(tmp_path / "h.png")]) == 0
     assert main([*args, "--out", str(tmp_path / "local.png")]) == 0
     hybrid = np.asarray(Image.open(tmp_path / "h.png"), dtype=np.int16)

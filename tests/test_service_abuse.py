@@ -130,8 +130,10 @@ def test_huge_finite_states_never_give_a_non_finite_latent(mixed, plain):
 def test_float16_prompt_states_travel_and_give_the_float32_result(mixed):
     url, model = mixed
     prompt = _prompt(model, 2)
-    exact = InferenceServer(url, FULL).first_steps(prompt["cond"], prompt["uncond"], 3, 6, 0.5, 3.0)
-    half = InferenceServer(url, FULL, prompt_dtype=torch.float16).first_steps(prompt["cond"], prompt["uncond"], 3, 6, 0.5, 3.0)
+    exact = InferenceServer(url, FULL).first_steps(prompt["cond"], prompt["uncond"], 3, 6, 0.5, 3.0, mix="global")
+    half = InferenceServer(url, FULL, prompt_dtype=torch.float16).first_steps(
+        prompt["cond"], prompt["uncond"], 3, 6, 0.5, 3.0, mix="global"
+    )
     assert half.latents.shape == exact.latents.shape and (half.latents - exact.latents).abs().max() < 5e-2
 
 
@@ -141,7 +143,7 @@ def test_the_server_never_runs_the_whole_schedule_and_limits_absolute_steps(mixe
     body = save_tensors(_prompt(model))
     r = _post(url, body=body, steps=1, split=0.01)
     assert r.status_code == 422 and "at most 0" in r.json()["detail"]
-    r = _post(url, body=body, steps=3, split=0.5)
+    r = _post(url, body=body, steps=3, split=0.5, mix="global")
     assert r.status_code == 200 and int(load_tensors(r.content)["step"]) == 2
     assert Limits(max_server_steps=5).server_steps(100) == 5 and Limits(max_split=1.0).server_steps(4) == 4
     limits = httpx.get(f"{url}/v1/limits", headers=_auth(FULL)).json()
@@ -331,9 +333,9 @@ def test_a_token_may_use_only_its_clusters(mixed, cluster_run):  # noqa: F811
     assert r.status_code == 403
     r = _post(url, SCOPED, body=save_tensors({**prompt, "weights": torch.tensor([0.0, 1.0])}))
     assert r.status_code == 200 and load_tensors(r.content)["weights"].tolist() == [0.0, 1.0, 0.0]
-    for body in (prompt, {**prompt, "task_embedding": mixer_embedding}):  # even when its embedding points to cluster 0
-        r = _post(url, SCOPED, body=save_tensors(body))
-        assert r.status_code == 200 and load_tensors(r.content)["weights"].tolist() == [0.0, 1.0, 0.0]
+    for body, mix in ((prompt, "global"), (prompt, "uniform"), ({**prompt, "task_embedding": mixer_embedding}, "auto")):
+        r = _post(url, SCOPED, body=save_tensors(body), mix=mix)  # auto: even when its embedding points to cluster 0
+        assert r.status_code == 200 and load_tensors(r.content)["weights"].tolist() == [0.0, 1.0, 0.0], mix
     r = _post(url, FULL, body=save_tensors({**prompt, "task_embedding": mixer_embedding}))
     assert load_tensors(r.content)["weights"][0] > 0.99
     assert httpx.get(f"{url}/v1/limits", headers=_auth(SCOPED)).json()["adapters"] == ["cluster_1"]
@@ -542,7 +544,7 @@ def test_hybrid_generate_on_an_sd_layout_folder(tmp_path):
     with serving(create_app(served, ClusterMixer(served, adapters), {FULL: "sd"})) as url:
         args = ["generate", "--preset", "tiny", "--model", str(root), "--adapter", str(adapters / "cluster_0.safetensors")]
         args += ["--prompt", "a star", "--seed", "3", "--steps", "6", "--n", "2"]
-        hybrid_args = ["--server", url, "--token", FULL, "--split", "0.5", "--send-dtype", "float16"]
+        hybrid_args = ["--server", url, "--token", FULL, "--split", "0.5", "--send-dtype", "float16", "--mix", "global"]
         assert main([*args, *hybrid_args, "--out", str(tmp_path / "hybrid.png")]) == 0
         metrics = httpx.get(f"{url}/metrics", headers=_auth(FULL)).json()
     assert main([*args, "--out", str(tmp_path / "local.png")]) == 0

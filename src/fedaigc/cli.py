@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedaigc.config import PRESETS
 from fedaigc.errors import RunFailed, UserError
+from fedaigc.inference import MIX_MODES
 
 log = logging.getLogger("fedaigc")
 
@@ -129,9 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", type=float, metavar="S", help="server's share of the steps, 0.1-0.4 (default: the preset's, 0.3)")
     p.add_argument(
+        "--mix",
+        choices=list(MIX_MODES),
+        default="auto",
+        help="the adapters of --server's steps: "
+        + "; ".join(f"{k}: {v}" for k, v in MIX_MODES.items())
+        + ". Every mode but auto sends no task embedding: the server learns nothing of your cluster (default: auto)",
+    )
+    p.add_argument(
         "--weights",
         metavar="W0,W1,..",
-        help="explicit cluster weights for the server's steps, one per cluster (default: from your task embedding)",
+        help="explicit cluster weights for the server's steps with --mix auto, one per cluster (default: from your task "
+        "embedding)",
     )
     p.add_argument("--out", type=Path, required=True, metavar="PNG", help="output PNG (a grid when --n > 1)")
     p.set_defaults(func=cmd_generate)
@@ -294,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: all)",
     )
     p.add_argument(
+        "--modes",
+        metavar="A,B",
+        help=f"split: the modes of the server's steps, from {','.join(MIX_MODES)} (see `generate --mix`; default: all)",
+    )
+    p.add_argument(
         "--num-clients",
         type=int,
         metavar="N",
@@ -396,6 +411,7 @@ def cmd_generate(args) -> None:
         split=cfg.sample.split,
         weights=weights,
         guidance_rescale=cfg.sample.guidance_rescale,
+        mix=args.mix,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.n == 1:
@@ -405,7 +421,8 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.n} image(s) to {args.out}")
     if server is not None:
         print(
-            f"server ran {result.server_steps} of {cfg.sample.steps} steps; this device {result.device_seconds:.2f} s; "
+            f"server ran {result.server_steps} of {cfg.sample.steps} steps (mix={args.mix}); "
+            f"this device {result.device_seconds:.2f} s; "
             f"sent {server.bytes_sent} B, received {server.bytes_received} B"
         )
 
@@ -576,7 +593,10 @@ def cmd_experiment(args) -> None:
     cfg = _config(args, federation={"num_clients": args.num_clients, "rounds": args.rounds})
     out = args.out or Path(f"runs/experiment_{args.name}")
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
-    report, summary = run_experiment(args.name, cfg, out, args.data, args.model, args.seeds, only, progress=not args.quiet)
+    modes = [x.strip() for x in args.modes.split(",") if x.strip()] if args.modes else None
+    report, summary = run_experiment(
+        args.name, cfg, out, args.data, args.model, args.seeds, only, progress=not args.quiet, modes=modes
+    )
     print(f"report: {report}; table: {out / 'results.csv'}")
     print(summary)
 

@@ -44,6 +44,7 @@ def evaluate_run(
     progress: bool = True,
     server: InferenceServer | None = None,
     split_ratio: float = 0.3,
+    mix: str = "auto",
     key: str = "final",
     global_stack: bool = False,
     at_round: int | None = None,
@@ -52,7 +53,8 @@ def evaluate_run(
     """Each client generates `client.samples` images with its personalized adapter and token slot
     (FLoRA: the global stack merged into the base, no LoRA of its own) as the device would, and
     is scored against held-out real images of its dominant domain. With `server`, the images are
-    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps, the client the rest.
+    made by hybrid inference: the inference edge server runs the first ⌈s·T⌉ steps with the adapters
+    `mix` chooses (`inference.MIX_MODES`), the client the rest.
 
     The result goes to `metrics[key]` and the images to `samples/` (`samples/<key>/` for another
     key), so one run can be scored several ways. `global_stack` (cluster runs) scores the global
@@ -95,6 +97,7 @@ def evaluate_run(
             server=server,
             split=split_ratio,
             guidance_rescale=cfg.sample.guidance_rescale,
+            mix=mix,
         )
         images, device_seconds = made.images, device_seconds + made.device_seconds
         save_images(images, samples / f"client_{cid}")
@@ -118,6 +121,7 @@ def evaluate_run(
         "inference": {
             "hybrid": server is not None,
             "split": split_ratio if server is not None else 0.0,
+            "mix": mix if server is not None else None,
             "server_steps": made.server_steps,
             "device_seconds": device_seconds,
             "bytes_sent": server.bytes_sent if server else 0,

@@ -46,12 +46,17 @@ def run_experiment(
     seeds: int = 1,
     only: list[str] | None = None,
     progress: bool = True,
+    modes: list[str] | None = None,
 ) -> tuple[Path, str]:
     """Run experiment `name` with `seeds` federation seeds from the config's (mean ± std over
-    them) and the settings in `only` (all without it); returns its report and a one-line summary."""
+    them), the settings in `only` (all without it) and, for split, the server's `modes` (all four
+    without it); returns its report and a one-line summary."""
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if modes and name != "split":
+        raise UserError(f"--modes is an option of the split experiment, not of {name}")
     first = cfg.federation.seed
-    return EXPERIMENTS[name](Plan(cfg, out, data, model, list(range(first, first + seeds)), progress), only)
+    plan = Plan(cfg, out, data, model, list(range(first, first + seeds)), progress)
+    return run_split(plan, only, modes) if name == "split" else EXPERIMENTS[name](plan, only)

@@ -89,6 +89,7 @@ class Setting:
     name: str  # run directory prefix, results.csv key, a name for `--only`
     label: str  # tables and plots
     overrides: dict = field(default_factory=dict)  # {config section: {field: value}}
+    columns: dict[str, str] = field(default_factory=dict)  # text columns of results.csv after the label (split: mode)
 
     def config(self, cfg: config.Config, seed: int) -> config.Config:
         out = copy.deepcopy(cfg)
@@ -211,6 +212,7 @@ def write_results(plan: Plan, results: list[Result], seconds: float) -> Path:
     experiment's `config.toml` (each run directory has its own, with the setting applied)."""
     out = plan.out
     config.save(plan.cfg, out / "config.toml")
+    text = list(dict.fromkeys(c for r in results for c in r.setting.columns))
     columns: list[str] = []
     for result in results:
         for row in result.rows:
@@ -218,11 +220,12 @@ def write_results(plan: Plan, results: list[Result], seconds: float) -> Path:
     path = out / "results.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["setting", "label", "seeds"] + [c + s for c in columns for s in ("", "_std")])
+        writer.writerow(["setting", "label", *text, "seeds"] + [c + s for c in columns for s in ("", "_std")])
         for r in results:
             values = [v for c in columns for v in (r.mean(c), r.std(c))]
             writer.writerow(
-                [r.setting.name, r.setting.label, len(r.rows)] + ["" if math.isnan(v) else f"{v:.6g}" for v in values]
+                [r.setting.name, r.setting.label, *(r.setting.columns.get(c, "") for c in text), len(r.rows)]
+                + ["" if math.isnan(v) else f"{v:.6g}" for v in values]
             )
     detail = {
         "seconds": round(seconds, 1),

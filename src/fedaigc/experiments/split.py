@@ -3,7 +3,8 @@
 One cluster-aware run per seed is trained once; then every client generates its samples at each
 server share s: s = 0 all on the device, s > 0 through a real inference edge server (FastAPI +
 uvicorn on 127.0.0.1 inside this process, holding the run's cluster adapters) that runs the first
-⌈s·T⌉ steps, the device the rest. Quality and the device's compute per image, per s.
+⌈s·T⌉ steps with the adapters of each mode (`inference.MIX_MODES`: auto, global, base, uniform),
+the device the rest. Quality and the device's compute per image, per (s, mode); s = 0 once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fedaigc.experiments.common import (
     sample_grid,
     write_results,
 )
+from fedaigc.inference import MIX_MODES
 from fedaigc.inference.device import InferenceServer
 from fedaigc.inference.service import run_service
 
@@ -53,10 +55,21 @@ def split_values(only: list[str] | None) -> list[float]:
     return values
 
 
-def run_split(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
-    """Train once per seed, score every s; writes results.csv, plots and report.md."""
-    splits = split_values(only)
-    results = [Result(Setting(f"s={s:g}", f"s = {s:g}")) for s in splits]
+def mix_modes(modes: list[str] | None) -> list[str]:
+    """`--modes` for this experiment: the modes of the server's steps (default all four), in `MIX_MODES` order."""
+    if not modes:
+        return list(MIX_MODES)
+    unknown = [m for m in modes if m not in MIX_MODES]
+    if unknown:
+        raise UserError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(MIX_MODES)}")
+    return [m for m in MIX_MODES if m in modes]
+
+
+def run_split(plan: Plan, only: list[str] | None = None, modes: list[str] | None = None) -> tuple[Path, str]:
+    """Train once per seed, score every (s, mode), s = 0 once; writes results.csv, plots and report.md."""
+    splits, chosen = split_values(only), mix_modes(modes)
+    points = [(s, mode) for s in splits for mode in (["-"] if s == 0 else chosen)]
+    results = [Result(Setting(name_of(s, mode), f"s = {s:g}", columns={"mode": mode})) for s, mode in points]
     for i, seed in enumerate(plan.seeds, 1):
         run_cfg = OURS.config(plan.cfg, seed)
         run_dir = plan.out / f"cluster_seed{seed}"
@@ -65,59 +78,74 @@ def run_split(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
         rows = []
         with ExitStack() as stack:
             service = stack.enter_context(run_service(run.root / "adapters", plan.model, "split")) if max(splits) > 0 else None
-            for s, result in zip(splits, results, strict=True):
-                log.info("[split %d/%d] seed %d, s = %g: the server runs the first ceil(s*T) steps", i, len(plan.seeds), seed, s)
+            for (s, mode), result in zip(points, results, strict=True):
+                log.info(
+                    "[split %d/%d] seed %d, s = %g, mix = %s: the server's first ceil(s*T) steps",
+                    i,
+                    len(plan.seeds),
+                    seed,
+                    s,
+                    mode,
+                )
+                key = key_of(s, mode)
                 if s == 0:
                     metrics = plan.scored(run_cfg, run)
                 else:
-                    metrics = plan.scored(run_cfg, run, key=key_of(s), server=InferenceServer(*service), split_ratio=s)
-                rows.append(numbers(metrics, key_of(s)))
+                    metrics = plan.scored(run_cfg, run, key=key, server=InferenceServer(*service), split_ratio=s, mix=mode)
+                rows.append(numbers(metrics, key))
                 result.add(run_dir, rows[-1], metrics)
-                log.info("[split] s = %g: %s, device %.3f s per image", s, brief(rows[-1]), rows[-1]["device_s_per_image"])
+                log.info(
+                    "[split] s = %g, mix = %s: %s, device %.3f s per image",
+                    s,
+                    mode,
+                    brief(rows[-1]),
+                    rows[-1]["device_s_per_image"],
+                )
         if splits[0] == 0:  # against doing every step on the device, within one seed
-            for s, row in zip(splits, rows, strict=True):
+            for (s, mode), row in zip(points, rows, strict=True):
                 row["device_time_ratio"] = row["device_s_per_image"] / rows[0]["device_s_per_image"]
-                row["pixel_change"] = pixel_change(run_dir, s, run_cfg.data.size)
+                row["pixel_change"] = pixel_change(run_dir, key_of(s, mode), run_cfg.data.size)
     seconds = plan.elapsed()
     write_results(plan, results, seconds)
     summary = "; ".join(
-        f"{r.setting.label}: style {r.mean('style_acc'):.1%}, device {r.mean('device_s_per_image'):.3f} s/image" for r in results
+        f"{r.setting.label} {r.setting.columns['mode']}: style {r.mean('style_acc'):.1%}, "
+        f"device {r.mean('device_s_per_image'):.3f} s/image"
+        for r in results
     )
-    return write_report(plan, results, splits, seconds), summary
+    return write_report(plan, results, points, seconds), summary
 
 
-def write_report(plan: Plan, results: list[Result], splits: list[float], seconds: float) -> Path:
+PLOTS = {  # plot -> (results.csv column, title, y label); one line per mode
+    "style_vs_split": ("style_acc", "Confident style accuracy vs the server's share of the steps", "share"),
+    "class_vs_split": ("class_acc", "Confident class accuracy vs the server's share of the steps", "share"),
+    "alignment_vs_split": ("alignment", "Alignment vs the server's share of the steps", "cosine"),
+    "fid_vs_split": ("fid", "Evaluator-FID vs the server's share of the steps", "evaluator-FID (lower is better)"),
+    "device_time_vs_split": (
+        "device_s_per_image",
+        "Device compute per image vs the server's share",
+        "seconds per image on the device",
+    ),
+}
+
+
+def write_report(plan: Plan, results: list[Result], points: list[tuple[float, str]], seconds: float) -> Path:
     cfg, plots = plan.cfg, plan.out / "plots"
     x = "s (share of the T steps on the inference edge server)"
-    for name, series, title, ylabel in (
-        (
-            "quality_vs_split",
-            {"confident style accuracy": "style_acc", "confident class accuracy": "class_acc", "alignment": "alignment"},
-            "Quality vs the server's share of the steps",
-            "share / cosine",
-        ),
-        (
-            "fid_vs_split",
-            {"evaluator-FID": "fid"},
-            "Evaluator-FID vs the server's share of the steps",
-            "evaluator-FID (lower is better)",
-        ),
-        (
-            "device_time_vs_split",
-            {"device compute": "device_s_per_image"},
-            "Device compute per image vs the server's share",
-            "seconds per image on the device",
-        ),
-    ):
-        lines_of = {label: (splits, [r.mean(col) for r in results]) for label, col in series.items()}
+    modes = list(dict.fromkeys(mode for s, mode in points if s > 0))
+    for name, (col, title, ylabel) in PLOTS.items():
+        lines_of = {}
+        for mode in modes or ["-"]:  # every mode's line starts at s = 0, where the device runs every step
+            shown = [(s, r.mean(col)) for (s, m), r in zip(points, results, strict=True) if s == 0 or m == mode]
+            lines_of[f"mix = {mode}"] = ([s for s, _ in shown], [v for _, v in shown])
         curves(lines_of, title, x, ylabel, plots / f"{name}.png", integer_x=False)
-    base = results[0] if splits[0] == 0 else None
+    base = results[0] if points[0][0] == 0 else None
     rows = []
     for r in results:
         change = r.mean("style_acc") - base.mean("style_acc") if base else math.nan
         rows.append(
             [
                 r.setting.label,
+                r.setting.columns["mode"],
                 f"{r.mean('server_steps'):.0f} / {cfg.sample.steps}",
                 r.cell("device_s_per_image"),
                 r.cell("device_time_ratio", 2),
@@ -134,29 +162,33 @@ def write_report(plan: Plan, results: list[Result], splits: list[float], seconds
             ]
         )
     shown_rows = []
-    for s, r in zip(splits, results, strict=True):
-        shown_rows.append((r.setting.label, samples_of(r.runs[0], s), r.metrics[0][key_of(s)]["per_client"]))
+    for (s, mode), r in zip(points, results, strict=True):
+        key = key_of(s, mode)
+        shown_rows.append((f"{r.setting.label} {mode}", samples_of(r.runs[0], key), r.metrics[0][key]["per_client"]))
     grid, shown = sample_grid(plan, shown_rows)
     lines = [
         "# Experiment: split ratio of hybrid inference",
         "",
         intro(plan, seconds),
         "",
-        "## Quality and device compute per server share s",
+        "## Quality and device compute per server share s and mode",
         "",
         f"One cluster-aware run per seed, trained once; each client then generates its {cfg.client.samples} samples at "
         f"each s with its own adapter and private token. s = 0: every step on the device, no service. s > 0: a real "
-        f"inference edge server (FastAPI + uvicorn on 127.0.0.1 inside this process, holding the run's cluster adapters, "
-        f"weighting them per request by the device's task embedding) runs the first ceil(s*T) of T = {cfg.sample.steps} "
-        f"steps from the prompt states the device encoded, and the device finishes with its own adapter. Device compute "
-        f"= encoding + the device's steps + decoding, waiting for the server excluded; it is wall time on this machine, "
-        f"which also runs the service, so compare ratios rather than absolute times. Pixel change: mean absolute "
-        f"difference (0-1) of the images at s from the all-local ones made from the same noise; 0 means the server's steps "
-        f"(with the cluster mixture the request's task embedding selected) gave exactly what the device's own adapter gives.",
+        f"inference edge server (FastAPI + uvicorn on 127.0.0.1 inside this process, holding the run's cluster adapters) "
+        f"runs the first ceil(s*T) of T = {cfg.sample.steps} steps from the prompt states the device encoded, with the "
+        f"adapters of the mode: "
+        + "; ".join(f"{k}: {v}" for k, v in MIX_MODES.items() if k in modes)
+        + ". Only auto sends the device's task embedding. The device finishes with its own adapter. Device compute "
+        "= encoding + the device's steps + decoding, waiting for the server excluded; it is wall time on this machine, "
+        "which also runs the service, so compare ratios rather than absolute times. Pixel change: mean absolute "
+        "difference (0-1) of the images at s from the all-local ones made from the same noise; 0 means the server's steps "
+        "gave exactly what the device's own adapter gives.",
         "",
         markdown_table(
             [
                 "s",
+                "mode",
                 "server steps",
                 "device s / image",
                 "device time vs s = 0",
@@ -174,16 +206,12 @@ def write_report(plan: Plan, results: list[Result], splits: list[float], seconds
             rows,
         ),
         "",
-        "![quality vs split](plots/quality_vs_split.png)",
-        "",
-        "![evaluator-FID vs split](plots/fid_vs_split.png)",
-        "",
-        "![device compute vs split](plots/device_time_vs_split.png)",
-        "",
     ]
+    for name in PLOTS:
+        lines += [f"![{name.replace('_', ' ')}](plots/{name}.png)", ""]
     runs = [
         f"- seed {seed}: `cluster_seed{seed}/` (s = 0: `final` in its metrics.json and `samples/`; s > 0: `split_<s>` "
-        f"and `samples/split_<s>/`)"
+        f"(auto) or `split_<s>_<mode>` and the same folder under `samples/`)"
         for seed in plan.seeds
     ]
     lines += closing(plan, grid, shown, runs)
@@ -192,21 +220,27 @@ def write_report(plan: Plan, results: list[Result], splits: list[float], seconds
     return path
 
 
-def pixel_change(run_dir: Path, s: float, size: int) -> float:
-    """Mean absolute pixel difference (0-1) of every client's images at share s from its all-local
-    images (same noise seeds): whether the server's part changed the pictures at all."""
+def pixel_change(run_dir: Path, key: str, size: int) -> float:
+    """Mean absolute pixel difference (0-1) of every client's images under score `key` from its
+    all-local images (same noise seeds): whether the server's part changed the pictures at all."""
     diffs = []
     for local in sorted((run_dir / "samples").glob("client_*")):
-        split_dir = samples_of(run_dir, s) / local.name
+        split_dir = samples_of(run_dir, key) / local.name
         a, b = (read_images(sorted(d.glob("*.png")), size) for d in (local, split_dir))
         diffs.append((a - b).abs().mean())
     return float(torch.stack(diffs).mean())
 
 
-def samples_of(run_dir: Path, s: float) -> Path:
-    return run_dir / "samples" if s == 0 else run_dir / "samples" / key_of(s)
+def samples_of(run_dir: Path, key: str) -> Path:
+    return run_dir / "samples" if key == "final" else run_dir / "samples" / key
 
 
-def key_of(s: float) -> str:
-    """Where `evaluate_run` keeps the score at share s: `final` (all on the device) or `split_<s>`."""
-    return "final" if s == 0 else f"split_{s:g}"
+def key_of(s: float, mode: str) -> str:
+    """Where `evaluate_run` keeps the score at share s in `mode`: `final` (all on the device),
+    `split_<s>` (auto, the key before there were modes: older scores are reused) or `split_<s>_<mode>`."""
+    return "final" if s == 0 else f"split_{s:g}" if mode == "auto" else f"split_{s:g}_{mode}"
+
+
+def name_of(s: float, mode: str) -> str:
+    """The setting's name in results.csv: `s=0`, `s=<s>/<mode>`."""
+    return "s=0" if s == 0 else f"s={s:g}/{mode}"

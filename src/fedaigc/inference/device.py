@@ -1,8 +1,10 @@
 """The device's side of hybrid inference: encode the prompt locally (private token included), let
 the inference edge server run the first steps, finish with the personalized LoRA.
 
-Only text-encoder states, a seed and (for per-request cluster weights) the task embedding the
-training server already knows leave the device; the prompt text and the token's name never do.
+Only text-encoder states, a seed and (with mix=auto, for per-request cluster weights) the task
+embedding the training server already knows leave the device; the prompt text and the token's
+name never do. The other modes (`MIX_MODES`) send no embedding: the server learns nothing of the
+request's cluster.
 """
 
 from __future__ import annotations
@@ -108,9 +110,10 @@ class InferenceServer:
         guidance_rescale: float = 0.0,
         task_embedding: torch.Tensor | None = None,
         weights: list[float] | None = None,
+        mix: str = "auto",
     ) -> SplitState:
         """The server's half for every row of `cond` (image i from seed + i), in requests that fit
-        the service's limits."""
+        the service's limits; `mix` chooses the server's adapters (`MIX_MODES`)."""
         n = self.images_per_request(cond, uncond)
         if len(cond) > n:
             parts = [
@@ -124,6 +127,7 @@ class InferenceServer:
                     guidance_rescale,
                     task_embedding,
                     weights,
+                    mix,
                 )
                 for i in range(0, len(cond), n)
             ]
@@ -137,7 +141,8 @@ class InferenceServer:
         if weights is not None:
             tensors["weights"] = torch.tensor(weights, dtype=torch.float32)
         body = save_tensors(tensors)
-        params = {"seed": seed, "steps": num_steps, "split": split, "guidance": guidance, "guidance_rescale": guidance_rescale}
+        params = {"seed": seed, "steps": num_steps, "split": split, "guidance": guidance}
+        params |= {"guidance_rescale": guidance_rescale, "mix": mix}
         reply = self._call("POST", "/v1/denoise", params=params, content=body)
         self.bytes_sent += len(body)
         self.bytes_received += len(reply.content)
@@ -182,9 +187,18 @@ def generate(
     split: float = 0.3,
     weights: list[float] | None = None,
     guidance_rescale: float = 0.0,
+    mix: str = "auto",
 ) -> HybridResult:
-    """One image per prompt (image i from seed + i): the first ⌈s·T⌉ steps on `server`, the rest
-    here; without a server every step runs here."""
+    """One image per prompt (image i from seed + i): the first ⌈s·T⌉ steps on `server` with the
+    adapters `mix` chooses (`MIX_MODES`; only auto sends this device's task embedding, or its
+    explicit `weights`), the rest here; without a server every step runs here."""
+    if mix != "auto" and weights is not None:
+        raise UserError(f"explicit cluster weights are a mix=auto request; mix={mix} chooses its own")
+    emb = device.task_embedding() if mix == "auto" else None
+    if server is not None and mix == "auto" and emb is None and weights is None:
+        raise UserError(
+            "mix=auto sends your task embedding, which needs a private style token; without one, choose global, base or uniform"
+        )
     t0 = time.perf_counter()
     cond, uncond = device.encode(prompts)
     seeds = list(range(seed, seed + len(prompts)))
@@ -193,8 +207,7 @@ def generate(
         waited = 0.0
     else:
         t_wait = time.perf_counter()
-        emb = device.task_embedding()
-        state = server.first_steps(cond, uncond, seed, num_steps, split, guidance, guidance_rescale, emb, weights)
+        state = server.first_steps(cond, uncond, seed, num_steps, split, guidance, guidance_rescale, emb, weights, mix)
         waited = time.perf_counter() - t_wait
     images = finish(device.model, state, cond, uncond, guidance, guidance_rescale)
     return HybridResult(images, state.step, time.perf_counter() - t0 - waited)

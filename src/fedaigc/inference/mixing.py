@@ -132,7 +132,7 @@ class ClusterMixer:
                 raise UserError(f"{adapters_dir}: clusters.json names {name} but {path.name} is missing")
             _load_checked(unet, path, name)
         self.unet = unet
-        self._active: list[str] = []
+        self._active: list[str] | None = None  # the adapters set active, [] = LoRA layers off; None: not set yet
         self._weights: torch.Tensor | None = None  # (batch, len(names)) while a batch runs
         for module in unet.modules():
             if isinstance(module, LoraLayer):
@@ -153,10 +153,16 @@ class ClusterMixer:
     @contextmanager
     def weights(self, weights: torch.Tensor):
         """Run the UNet with per-sample adapter weights (batch, len(names)). Only adapters that
-        some sample uses are active, so a one-cluster batch costs one adapter, not all of them."""
+        some sample uses are active, so a one-cluster batch costs one adapter, not all of them, and
+        a batch of all-zero rows (mix=base) runs with every LoRA layer off: the base model itself."""
         used = [name for i, name in enumerate(self.names) if bool((weights[:, i] > 0).any())]
         if used != self._active:
-            self.unet.set_adapters(used or self.names[:1], [1.0] * max(1, len(used)))
+            if used:
+                if self._active == []:
+                    self.unet.enable_lora()
+                self.unet.set_adapters(used, [1.0] * len(used))
+            else:
+                self.unet.disable_lora()
             self._active = used
         self._weights = weights
         try:
@@ -182,6 +188,18 @@ class ClusterMixer:
         else:  # a single cluster (fedavg-like runs): its own adapter
             w[0] = 1.0
         return w
+
+    def uniform_weights(self, allowed: list[int] | None = None) -> torch.Tensor:
+        """Equal weights over every cluster (the `allowed` ones for a token limited to them): a
+        mixture chosen without anything of the request; with no clusters, the global adapter."""
+        ks = self.clusters if allowed is None else allowed
+        if not ks:
+            return self.global_weights()
+        return self.cluster_weights([1 / len(ks) if k in ks else 0.0 for k in self.clusters])
+
+    def base_weights(self) -> torch.Tensor:
+        """No adapter: the base model's steps."""
+        return torch.zeros(len(self.names))
 
     def cluster_weights(self, per_cluster: list[float]) -> torch.Tensor:
         """Explicit weights, one per cluster in id order."""

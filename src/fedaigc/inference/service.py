@@ -1,10 +1,11 @@
 """The inference edge server: an HTTP service that runs the first ⌈s·T⌉ denoising steps for every
 user, batching concurrent requests, and returns the intermediate latent (`fedaigc serve`).
 
-POST /v1/denoise?seed=S&steps=T&split=s[&guidance=g][&mix=auto|global]
+POST /v1/denoise?seed=S&steps=T&split=s[&guidance=g][&mix=auto|global|base|uniform]
     body: safetensors bytes with `cond` (B, L, D) and `uncond` (1 or B, L, D) — the prompt's
     text-encoder states, encoded on the device (text never travels), float32, float16 or bfloat16 —
-    and optionally `task_embedding` (D_t,) for per-request cluster weights or `weights` (K,) explicit ones.
+    and, with mix=auto (the default) only, `task_embedding` (D_t,) for per-request cluster weights or
+    `weights` (K,) explicit ones; the other modes (`MIX_MODES`) take neither.
     reply: safetensors bytes with `latents`, `step`, `num_steps` and the adapter `weights` used.
 GET /v1/limits: what a request may ask for (the device splits its requests to fit).
 GET /metrics: requests, images, batch sizes, latency, responses by status.
@@ -46,6 +47,7 @@ from safetensors import SafetensorError, deserialize
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedaigc.inference import MIX_MODES
 from fedaigc.inference.auth import Client, RateLimiter, TokenStore
 from fedaigc.inference.mixing import ClusterMixer
 from fedaigc.inference.sampler import SplitState, split_step
@@ -350,7 +352,9 @@ def create_app(
         split: float = Query(0.3, ge=0.0, le=limits.max_split, description="s: the server runs the first ceil(s*T) steps"),
         guidance: float = Query(3.0, ge=0.0, le=limits.max_guidance, description="classifier-free guidance scale"),
         guidance_rescale: float = Query(0.0, ge=0.0, le=1.0, description="CFG rescale (Lin et al. 2023); 0 = off"),
-        mix: Literal["auto", "global"] = Query("auto", description="auto: weights from task_embedding when sent"),
+        mix: Literal[tuple(MIX_MODES)] = Query(
+            "auto", description="the adapters of the server's steps: " + "; ".join(f"{k}: {v}" for k, v in MIX_MODES.items())
+        ),
     ) -> Response:
         t0 = time.perf_counter()
         stop, most = split_step(steps, split), limits.server_steps(steps)
@@ -460,8 +464,14 @@ def check_prompt_tensors(tensors: dict[str, torch.Tensor], limits: Limits, dim: 
 
 
 def choose_weights(mixer: ClusterMixer | None, tensors: dict[str, torch.Tensor], mix: str, who: Client) -> torch.Tensor | None:
-    """Explicit `weights` win; else the request's task embedding (mix=auto); else the global stack.
-    A token limited to some clusters gets mixtures of those only (explicit weights on others: 403)."""
+    """The adapter weights of one request's steps, by its `mix` (`MIX_MODES`). mix=auto: explicit
+    `weights` win, else the request's task embedding (required); the other modes take neither, so
+    the server learns nothing of the request's cluster. A token limited to some clusters gets
+    mixtures of those only (explicit weights on others: 403). None: a server without adapters,
+    which runs the base model whatever the mode."""
+    sent = [name for name in ("task_embedding", "weights") if name in tensors]
+    if mix != "auto" and sent:
+        raise HTTPException(422, f"mix={mix} takes no {sent[0]!r} (it says nothing of the request's cluster); send mix=auto")
     if mixer is None:
         if "weights" in tensors:
             raise HTTPException(422, "this server holds no cluster adapters; 'weights' cannot be used")
@@ -469,6 +479,16 @@ def choose_weights(mixer: ClusterMixer | None, tensors: dict[str, torch.Tensor],
     allowed = None if who.clusters is None else sorted(who.clusters & set(mixer.clusters))
     if allowed == []:
         raise HTTPException(403, f"token of {who.name} may use none of this server's clusters")
+    if mix == "base":
+        return mixer.base_weights()
+    if mix == "global":
+        return mixer.global_weights(allowed)
+    if mix == "uniform":
+        return mixer.uniform_weights(allowed)
+    if not sent:
+        raise HTTPException(
+            422, "mix=auto needs the request's 'task_embedding' (or 'weights'); without one, send mix=global, base or uniform"
+        )
     try:
         if "weights" in tensors:
             w = tensors["weights"]
@@ -478,11 +498,9 @@ def choose_weights(mixer: ClusterMixer | None, tensors: dict[str, torch.Tensor],
             if allowed is not None and any(w[i] > 0 for i, k in enumerate(mixer.clusters) if k not in allowed):
                 raise HTTPException(403, f"token of {who.name} may use clusters {allowed} only")
             return chosen
-        if mix == "auto" and "task_embedding" in tensors:
-            return mixer.request_weights(tensors["task_embedding"], allowed)
+        return mixer.request_weights(tensors["task_embedding"], allowed)
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    return mixer.global_weights(allowed)
 
 
 # running it ---------------------------------------------------------------------------------------
