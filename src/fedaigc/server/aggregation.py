@@ -167,10 +167,11 @@ def delta(adapter: Adapter, scale: float, layer: str) -> torch.Tensor:
     return scale * b @ a
 
 
-def change(after: Adapter, start: Adapter | None, prefix: str = "unet.") -> Adapter:
+def change(after: Adapter, start: Adapter | None, prefix: str = "unet.", dtype: torch.dtype = torch.float32) -> Adapter:
     """The low-rank factors of what training changed in the layers named `prefix...`:
     B A − B₀ A₀ = [B, −B₀] [A; A₀] (rank 2r) from a start, B A itself from the common start
-    (its B is zero)."""
+    (its B is zero). In `dtype`: float32 for what the server keeps (the uploads' precision),
+    float64 for a computation that uses them at once."""
     out: Adapter = {}
     for layer in layers(after):
         if not layer.startswith(prefix):
@@ -179,7 +180,7 @@ def change(after: Adapter, start: Adapter | None, prefix: str = "unet.") -> Adap
         if start is not None:
             b0, a0 = factors(start, layer)
             b, a = torch.cat([b, -b0], 1), torch.cat([a, a0], 0)
-        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = a, b
+        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = a.to(dtype), b.to(dtype)
     if not out:
         raise ValueError(f"change: the adapter has no LoRA layer named {prefix}...")
     return out

@@ -24,7 +24,7 @@ MIN_MEMBERS = 3  # below this a median cannot out-vote one attacker: such cluste
 def update_grams(uploaded: Sequence[Adapter], received: Sequence[Adapter | None], scale: float) -> torch.Tensor:
     """(layers, n, n): per layer, the Gram matrix of the members' ΔW updates U_i = s·(B_i A_i − B_0 A_0)
     against what each was sent (`aggregation.change`, `aggregation.layer_grams`), text encoder included."""
-    changes = [agg.change(up, ref, prefix="") for up, ref in zip(uploaded, received, strict=True)]
+    changes = [agg.change(up, ref, prefix="", dtype=torch.float64) for up, ref in zip(uploaded, received, strict=True)]
     return scale**2 * agg.layer_grams(changes)
 
 
