@@ -21,7 +21,7 @@ from fedaigc.model.pretrain import load_checkpoint, save_checkpoint
 from fedaigc.protocol.lora import LoraSpec
 from fedaigc.protocol.round import Upload
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import ServerStrategy, make_strategy
 
 
 class SimulationStarted(Exception):
@@ -226,14 +226,14 @@ def synthetic_cfg() -> config.Config:
     return config.validate(cfg)
 
 
-def play_round(run: RunDir, aggregator: Aggregator, cfg: config.Config, r: int) -> None:
+def play_round(run: RunDir, aggregator: ServerStrategy, cfg: config.Config, r: int) -> None:
     report = aggregator.aggregate(r, {c: upload(c, r) for c in range(cfg.federation.num_clients)})
     entry = {"round": r, "train_loss": 0.1 * r, "clusters": {str(c): k for c, k in report.clusters.items()}}
     run.save_round(aggregator, entry, LoraSpec(RANK, 2.0 * RANK, True, False), cfg)
 
 
-def scratch(cfg: config.Config) -> Aggregator:
-    return Aggregator.from_config(cfg)
+def scratch(cfg: config.Config) -> ServerStrategy:
+    return make_strategy(cfg)
 
 
 @pytest.fixture(scope="module")
