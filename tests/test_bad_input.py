@@ -21,7 +21,7 @@ from fedaigc.model.pretrain import load_checkpoint, save_checkpoint
 from fedaigc.protocol.lora import LoraSpec
 from fedaigc.protocol.round import Upload
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import ServerStrategy, make_strategy
+from fedaigc.server.strategies import STRATEGIES, ServerStrategy, make_strategy
 
 
 class SimulationStarted(Exception):
@@ -111,6 +111,23 @@ def test_a_bad_config_is_refused_in_one_line_before_anything_starts(toml, messag
     out = tmp_path / "run"
     refused(capsys, main(["federate", "--preset", "tiny", "--config", str(bad), "--out", str(out)]), message)
     assert not out.exists()  # nothing written, not even an empty --out
+
+
+def test_the_strategy_registry_is_what_the_config_and_the_cli_accept(tmp_path, capsys):
+    assert tuple(STRATEGIES) == config.STRATEGY_NAMES
+    cfg = config.preset("tiny")
+    for name, cls in STRATEGIES.items():
+        cfg.federation.strategy = name
+        config.validate(cfg)
+        assert type(make_strategy(cfg)) is cls and issubclass(cls, ServerStrategy)
+    cfg.federation.strategy = "fedprox"
+    with pytest.raises(UserError, match=f"federation.strategy must be one of {', '.join(STRATEGIES)}, got 'fedprox'"):
+        config.validate(cfg)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["federate", "--preset", "tiny", "--strategy", "fedprox", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and all(repr(name) in err for name in STRATEGIES) and not out.exists()
 
 
 @pytest.mark.parametrize(
