@@ -35,7 +35,7 @@ from fedaigc.protocol.round import Upload
 from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 from fedaigc.simulation.federate import simulate
 
 TARGET = 1.25
@@ -73,7 +73,7 @@ def serialisation_seconds(uploads: dict[int, Upload]) -> float:
 def server_seconds(cfg: Config, uploads: dict[int, Upload], spec) -> float:
     """The server's part of a round: aggregation and writing the round directory. The uploads come
     without a profiling pass, so they are their own profiles (else the server would reject them all)."""
-    aggregator = Aggregator.from_config(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, profile_steps=0)))
+    aggregator = make_strategy(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, profile_steps=0)))
     with tempfile.TemporaryDirectory(prefix="fedaigc-overhead-") as tmp:
         t0 = time.perf_counter()
         aggregator.aggregate(1, uploads)

@@ -129,7 +129,7 @@ def timed(uploads: Iterable[Adapter], consume: Callable[[int, Adapter], None]) -
 
 
 def cluster_aware(fed: Federation, fc: FederationConfig, scale: float = 1.0) -> dict[str, float]:
-    """What `Aggregator` does for the `cluster` strategy with `fedit`, with streaming sums:
+    """What `ClusterAware` (server/strategies.py) does with `fedit`, with streaming sums:
     cluster, weight members by examples x similarity, average per cluster, stack with DED/SNT."""
     t0 = time.process_time()
     labels = cluster(fed.embeddings, k=fc.k or None)

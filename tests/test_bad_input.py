@@ -21,7 +21,7 @@ from fedaigc.model.pretrain import load_checkpoint, save_checkpoint
 from fedaigc.protocol.lora import LoraSpec
 from fedaigc.protocol.round import Upload
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import STRATEGIES, ServerStrategy, make_strategy
 
 
 class SimulationStarted(Exception):
@@ -111,6 +111,23 @@ def test_a_bad_config_is_refused_in_one_line_before_anything_starts(toml, messag
     out = tmp_path / "run"
     refused(capsys, main(["federate", "--preset", "tiny", "--config", str(bad), "--out", str(out)]), message)
     assert not out.exists()  # nothing written, not even an empty --out
+
+
+def test_the_strategy_registry_is_what_the_config_and_the_cli_accept(tmp_path, capsys):
+    assert tuple(STRATEGIES) == config.STRATEGY_NAMES
+    cfg = config.preset("tiny")
+    for name, cls in STRATEGIES.items():
+        cfg.federation.strategy = name
+        config.validate(cfg)
+        assert type(make_strategy(cfg)) is cls and issubclass(cls, ServerStrategy)
+    cfg.federation.strategy = "fedprox"
+    with pytest.raises(UserError, match=f"federation.strategy must be one of {', '.join(STRATEGIES)}, got 'fedprox'"):
+        config.validate(cfg)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["federate", "--preset", "tiny", "--strategy", "fedprox", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and all(repr(name) in err for name in STRATEGIES) and not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -226,14 +243,14 @@ def synthetic_cfg() -> config.Config:
     return config.validate(cfg)
 
 
-def play_round(run: RunDir, aggregator: Aggregator, cfg: config.Config, r: int) -> None:
+def play_round(run: RunDir, aggregator: ServerStrategy, cfg: config.Config, r: int) -> None:
     report = aggregator.aggregate(r, {c: upload(c, r) for c in range(cfg.federation.num_clients)})
     entry = {"round": r, "train_loss": 0.1 * r, "clusters": {str(c): k for c, k in report.clusters.items()}}
     run.save_round(aggregator, entry, LoraSpec(RANK, 2.0 * RANK, True, False), cfg)
 
 
-def scratch(cfg: config.Config) -> Aggregator:
-    return Aggregator.from_config(cfg)
+def scratch(cfg: config.Config) -> ServerStrategy:
+    return make_strategy(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from fedaigc.model.base import load_model
 from fedaigc.protocol.lora import LoraSpec
 from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import FLoRA
 
 SHAPES = {"unet.x.to_q": (12, 10), "unet.y.conv1": (6, 4, 3, 3)}
 
@@ -30,7 +30,7 @@ def random_upload(seed: int, num_examples: int, rank: int = 3) -> Upload:
 
 def test_flora_stacks_every_round_exactly_and_restores():
     scale = 0.5
-    server = Aggregator(FederationConfig(strategy="flora"), scale)
+    server = FLoRA(FederationConfig(strategy="flora"), scale)
     assert server.base_delta() is None
     rounds = [{c: random_upload(10 * r + c, n) for c, n in enumerate([10, 30, 60])} for r in range(2)]
     want = dict.fromkeys(agg.layers(rounds[0][0].lora), 0.0)
@@ -43,7 +43,7 @@ def test_flora_stacks_every_round_exactly_and_restores():
         adapter, slot = server.model_for(1)
         assert adapter is None  # each round starts a fresh LoRA on the merged base
         assert torch.allclose(slot, sum(u.num_examples / 100 * u.slot for u in uploads.values()))
-    restored = Aggregator(FederationConfig(strategy="flora"), scale)
+    restored = FLoRA(FederationConfig(strategy="flora"), scale)
     restored.restore(*server.state())
     assert all(torch.equal(restored.base_delta()[k], v) for k, v in server.base_delta().items())
     assert torch.equal(restored.model_for(2)[1], server.model_for(2)[1])

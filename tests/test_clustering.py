@@ -1,7 +1,7 @@
 """The clustering by updates calibrated on each client's own noise: `reference_similarity` on a
 Gram matrix of two profiling passes per client, as a pure function (planted styles with a
 singleton, a one-style null, noise levels a raw-cosine threshold cannot follow) and inside the
-`Aggregator` (profiles and repeats from the uploads, newcomers, restart)."""
+`ClusterAware` (profiles and repeats from the uploads, newcomers, restart)."""
 
 import copy
 
@@ -13,7 +13,7 @@ from fedaigc.eval.metrics import clustering_ari
 from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster_similarity, normalize, reference_similarity
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import ClusterAware
 
 STYLES = [0, 0, 0, 1, 1, 2, 2, 3]  # style 3 has one client
 
@@ -81,7 +81,7 @@ def test_the_server_clusters_by_its_clients_own_reference_newcomers_join_by_it_a
     cfg = copy.deepcopy(preset("tiny").federation)
     cfg.strategy, cfg.k, cfg.recluster_every = "cluster", 0, 5
     assert cfg.profile_steps > 0 and cfg.cluster_by == "update"
-    server = Aggregator(cfg, 1.0)
+    server = ClusterAware(cfg, 1.0)
     styles = dict(enumerate(STYLES))
     noise = 2.0  # some raw cosines within a style below `merge_similarity`, which would split their style
     first = {c: style_upload(c, s, noise) for c, s in styles.items()}
@@ -93,11 +93,11 @@ def test_the_server_clusters_by_its_clients_own_reference_newcomers_join_by_it_a
     report = server.aggregate(2, {8: style_upload(8, 1, noise), 9: style_upload(9, 7, noise), 0: style_upload(0, 0, noise)})
     assert server.assignment[8] == server.assignment[3] and report.placed[8] >= cfg.merge_agreement > report.placed[9]
     assert server.assignment[9] not in {server.assignment[c] for c in styles}
-    restarted = Aggregator(cfg, 1.0)
+    restarted = ClusterAware(cfg, 1.0)
     restarted.restore(*server.state())
     known = sorted(server.assignment)
     assert np.allclose(restarted._similarity(known), server._similarity(known))
     # an upload without the repeat the server asked for is rejected, not clustered by raw cosines
     lacking = style_upload(10, 0, noise)
     lacking.profile_repeat = None
-    assert "repeat" in Aggregator(cfg, 1.0).aggregate(1, {**first, 10: lacking}).rejected[10]
+    assert "repeat" in ClusterAware(cfg, 1.0).aggregate(1, {**first, 10: lacking}).rejected[10]

@@ -22,7 +22,7 @@ from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster, join, normalize, place
 from fedaigc.server.participation import participants, schedule
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import ClusterAware
 
 SHAPES = {"unet.attn.to_q": (6, 5), "text.attn.v_proj": (4, 6)}
 RANK, SCALE = 2, 2.0
@@ -64,14 +64,14 @@ def style_upload(cid: int, style: int, round_: int) -> Upload:
     return Upload(out, torch.ones(DIM), 10, torch.ones(DIM), 0.1)
 
 
-def aggregator(**fed) -> Aggregator:
+def aggregator(**fed) -> ClusterAware:
     """A cluster server that clusters by the planted task embeddings (random LoRAs carry no style);
     by updates, by the uploads' own (no profiling pass: these uploads carry none)."""
     cfg = copy.deepcopy(preset("tiny").federation)
     cfg.strategy, cfg.k, cfg.cluster_by, cfg.profile_steps = "cluster", 2, "embedding", 0
     for key, value in fed.items():
         setattr(cfg, key, value)
-    return Aggregator(cfg, SCALE)
+    return ClusterAware(cfg, SCALE)
 
 
 EXISTING = {0: 1, 1: 1, 2: 2, 3: 2}  # client -> planted direction: two clusters
@@ -118,7 +118,7 @@ def test_clients_cluster_by_their_first_updates_and_newcomers_join_by_theirs(tmp
     restarted = aggregator(cluster_by="update", k=0)
     restarted.restore(tensors, meta)
     assert np.allclose(restarted._features(sorted(server.assignment)), server._features(sorted(server.assignment)))
-    by_embedding = aggregator()  # a run made before clustering by updates holds none: a clear error on resume
+    by_embedding = aggregator()  # a run clustered by embeddings holds no updates: a clear error on resume
     by_embedding.aggregate(1, {c: upload(c, d, 1) for c, d in EXISTING.items()})
     with pytest.raises(UserError, match='cluster_by = "embedding"'):
         aggregator(cluster_by="update").restore(*by_embedding.state())
@@ -139,7 +139,7 @@ def test_a_newcomer_starts_from_the_common_start_or_the_global_warm_start():
         best = (u[:, :RANK] * s[:RANK]) @ vh[:RANK]
         assert torch.allclose(agg.delta(adapter, SCALE, layer), best, atol=1e-4)
         assert adapter[layer + agg.A_SUFFIX].shape[0] == RANK
-    assert torch.allclose(slot, (warm.cluster_slots[0] + warm.cluster_slots[1]) / 2, atol=1e-6)
+    assert torch.allclose(slot, (warm.clusters[0].slot + warm.clusters[1].slot) / 2, atol=1e-6)
 
 
 def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouched():
@@ -147,7 +147,7 @@ def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouch
     for agg_ in (both, alone):
         agg_.aggregate(1, {c: upload(c, d, 1) for c, d in EXISTING.items()})
     first = dict(both.assignment)
-    assert alone.model_for(0)[0] is alone.cluster_adapters[first[0]]  # clients already placed get their cluster's
+    assert alone.model_for(0)[0] is alone.clusters[first[0]].adapter  # clients already placed get their cluster's
     # round 2: the existing clients again, client 4 like the first cluster, 5 and 6 like neither
     ups = {c: upload(c, d, 2) for c, d in EXISTING.items()}
     report = both.aggregate(2, ups | {4: upload(4, 1, 2), 5: upload(5, 3, 2), 6: upload(6, 3, 2)})
@@ -157,10 +157,10 @@ def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouch
     assert both.assignment[5] == both.assignment[6] not in set(first.values())
     assert min(report.placed[4], report.placed[6]) > 0.3 > report.placed[5]  # 6: similar to 5's new cluster
     for k in set(first.values()):  # the newcomer's first update is not averaged into the cluster it joined
-        for name, t in alone.cluster_adapters[k].items():  # (its profile moves the centroid: weights shift a little)
-            assert torch.allclose(both.cluster_adapters[k][name], t, atol=1e-3)
+        for name, t in alone.clusters[k].adapter.items():  # (its profile moves the centroid: weights shift a little)
+            assert torch.allclose(both.clusters[k].adapter[name], t, atol=1e-3)
     new = both.assignment[5]
-    assert set(both.cluster_adapters[new]) == set(ups[0].lora) and new in both.centroids
+    assert set(both.clusters[new].adapter) == set(ups[0].lora) and both.clusters[new].centroid is not None
     assert both.global_adapter[next(iter(agg.layers(ups[0].lora))) + agg.A_SUFFIX].shape[0] == 3 * RANK
     # round 3, no re-clustering: client 4 trained from its cluster's adapter and now counts, weighted
     # by its profile (its first round's embedding) like the others
@@ -169,9 +169,10 @@ def test_the_join_round_places_newcomers_and_leaves_the_existing_clients_untouch
     k = first[0]
     members = [0, 1, 4]
     profiles = [upload(c, 1, 1 if c < 4 else 2).embedding.double() for c in members]
-    w = agg.member_weights([ups3[c].num_examples for c in members], torch.stack(profiles), torch.from_numpy(both.centroids[k]))
+    centroid = torch.from_numpy(both.clusters[k].centroid)
+    w = agg.member_weights([ups3[c].num_examples for c in members], torch.stack(profiles), centroid)
     want = agg.average([ups3[c].lora for c in members], w)
-    assert all(torch.allclose(both.cluster_adapters[k][n], want[n]) for n in want)
+    assert all(torch.allclose(both.clusters[k].adapter[n], want[n]) for n in want)
 
 
 def test_re_clustering_sees_every_client_seen_so_far_not_only_this_rounds():
@@ -181,14 +182,14 @@ def test_re_clustering_sees_every_client_seen_so_far_not_only_this_rounds():
     server = aggregator(recluster_every=1)
     server.aggregate(1, {c: upload(c, EXISTING[c], 1) for c in (0, 1, 2)})
     before = dict(server.assignment)
-    kept = {n: t.clone() for n, t in server.cluster_adapters[before[2]].items()}
+    kept = {n: t.clone() for n, t in server.clusters[before[2]].adapter.items()}
     server.aggregate(2, {3: upload(3, EXISTING[3], 2)})
     assert {c: server.assignment[c] for c in before} == before and server.assignment[3] == before[2]
-    assert all(torch.equal(server.cluster_adapters[before[2]][n], t) for n, t in kept.items())  # trained from the common start
+    assert all(torch.equal(server.clusters[before[2]].adapter[n], t) for n, t in kept.items())  # trained from the common start
     restarted = aggregator(recluster_every=1)
     restarted.restore(*server.state())
-    assert set(restarted.profiles) == {0, 1, 2, 3}
-    assert all(np.array_equal(restarted.profiles[c], server.profiles[c]) for c in server.profiles)
+    assert set(restarted.clients) == {0, 1, 2, 3}
+    assert all(np.array_equal(restarted.clients[c].profile, server.clients[c].profile) for c in server.clients)
     ups = {c: upload(c, EXISTING[c], 3) for c in (0, 3)}
     for agg_ in (server, restarted):
         agg_.aggregate(3, {c: copy.deepcopy(u) for c, u in ups.items()})
@@ -197,7 +198,7 @@ def test_re_clustering_sees_every_client_seen_so_far_not_only_this_rounds():
     # fewer clusters on a re-clustering (here: k lowered): the cluster left without members goes
     server.cfg.k = 1
     server.aggregate(4, {c: upload(c, EXISTING[c], 4) for c in (0, 2)})
-    assert set(server.assignment.values()) == set(server.cluster_adapters) == set(server.centroids) and len(server.centroids) == 1
+    assert set(server.assignment.values()) == set(server.trained()) == set(server.clusters) and len(server.clusters) == 1
 
 
 def test_join_rounds_in_the_schedule():
@@ -262,7 +263,7 @@ def test_a_split_clusters_adapter_goes_with_both_halves():
         server.aggregate(1, {c: upload(c, d, 1) for c, d in planted.items()})
         sizes = Counter(server.assignment.values())
         merged, alone = (next(k for k, n in sizes.items() if n == size) for size in (4, 2))
-        merged_adapter = {n: t.clone() for n, t in server.cluster_adapters[merged].items()}
+        merged_adapter = {n: t.clone() for n, t in server.clusters[merged].adapter.items()}
         styles = sorted({planted[c] for c, k in server.assignment.items() if k == merged})
         trained, untrained = styles[half], styles[1 - half]
         was_alone = [c for c, k in server.assignment.items() if k == alone]
@@ -276,10 +277,10 @@ def test_a_split_clusters_adapter_goes_with_both_halves():
         assert adapter is not None and all(torch.equal(adapter[n], t) for n, t in merged_adapter.items())
         members = [c for c in ups if planted[c] == trained]
         k = server.assignment[members[0]]
-        emb = torch.stack([torch.from_numpy(server.profiles[c]) for c in members])
-        w = agg.member_weights([ups[c].num_examples for c in members], emb, torch.from_numpy(server.centroids[k]))
+        emb = torch.stack([torch.from_numpy(server.clients[c].profile) for c in members])
+        w = agg.member_weights([ups[c].num_examples for c in members], emb, torch.from_numpy(server.clusters[k].centroid))
         want = agg.average([ups[c].lora for c in members], w)
-        assert all(torch.allclose(server.cluster_adapters[k][n], want[n]) for n in want)
+        assert all(torch.allclose(server.clusters[k].adapter[n], want[n]) for n in want)
 
 
 def test_the_server_learning_rate_extends_a_clusters_step_from_where_its_members_started():
@@ -287,11 +288,11 @@ def test_the_server_learning_rate_extends_a_clusters_step_from_where_its_members
     adapter; a round from the common start (unknown to the server) is a plain average."""
     plain, faster = aggregator(), aggregator(server_lr=2.0)
     for round_ in (1, 2):
-        starts = {k: (dict(a), plain.cluster_slots[k]) for k, a in plain.cluster_adapters.items()}
+        starts = {k: (dict(a), plain.clusters[k].slot) for k, a in plain.trained().items()}
         for server in (plain, faster):
             server.aggregate(round_, {c: upload(c, d, round_) for c, d in EXISTING.items()})
         assert faster.assignment == plain.assignment
-        for k, adapter in plain.cluster_adapters.items():
-            start, slot = starts.get(k, (adapter, plain.cluster_slots[k]))  # round 1: no start, lr unused
-            assert all(torch.allclose(faster.cluster_adapters[k][n], 2 * t - start[n], atol=1e-5) for n, t in adapter.items())
-            assert torch.allclose(faster.cluster_slots[k], 2 * plain.cluster_slots[k] - slot, atol=1e-5)
+        for k, adapter in plain.trained().items():
+            start, slot = starts.get(k, (adapter, plain.clusters[k].slot))  # round 1: no start, lr unused
+            assert all(torch.allclose(faster.clusters[k].adapter[n], 2 * t - start[n], atol=1e-5) for n, t in adapter.items())
+            assert torch.allclose(faster.clusters[k].slot, 2 * plain.clusters[k].slot - slot, atol=1e-5)

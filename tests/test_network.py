@@ -25,7 +25,7 @@ from fedaigc.server.participation import (
     schedule,
     weights,
 )
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import FedAvg
 
 
 def network_cfg(sampling="uniform", weighting="plain", fraction=1.0, participation=(1.0, 0.25)):
@@ -90,12 +90,12 @@ def test_inverse_propensity_weights_reach_the_aggregation():
     }
     fed = copy.deepcopy(preset("tiny").federation)
     fed.strategy = "fedavg"
-    plain, boosted = Aggregator(fed, 1.0), Aggregator(fed, 1.0)
+    plain, boosted = FedAvg(fed, 1.0), FedAvg(fed, 1.0)
     plain.aggregate(1, ups)
     boosted.aggregate(1, ups, {0: 1.0, 1: 3.0})
     want = agg.average([ups[0].lora, ups[1].lora], [1, 3])
-    assert all(torch.allclose(boosted.cluster_adapters[0][k], want[k]) for k in want)
-    assert not torch.allclose(plain.cluster_adapters[0]["l.lora_A.weight"], want["l.lora_A.weight"])
+    assert all(torch.allclose(boosted.clusters[0].adapter[k], want[k]) for k in want)
+    assert not torch.allclose(plain.clusters[0].adapter["l.lora_A.weight"], want["l.lora_A.weight"])
 
 
 def test_profile_round_time_and_checks():

@@ -30,7 +30,7 @@ from fedaigc.protocol.lora import flatten
 from fedaigc.protocol.round import Upload
 from fedaigc.server import aggregation as agg
 from fedaigc.server.defense import balanced, screen_cluster, update_grams
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import ClusterAware
 
 SHAPES = {"unet.attn.to_q": (12, 10), "text_encoder.attn.query": (10, 12), "unet.conv1": (6, 4, 3, 3)}
 RANK, SCALE = 3, 0.5
@@ -166,7 +166,7 @@ def test_the_cluster_round_leaves_out_what_the_defense_rejects(defense):
     initial = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in lora(g).items()}
     # clustered by the planted styles: by updates, the sign flipper's own first update would already
     # set it apart (a cosine of about -1 to its cluster's)
-    aggregator = Aggregator(FederationConfig(defense=defense, cluster_by="embedding"), SCALE)
+    aggregator = ClusterAware(FederationConfig(defense=defense, cluster_by="embedding"), SCALE)
     for server_round in (1, 2):
         sent = {c: aggregator.model_for(c)[0] or initial for c in range(10)}
         adapters = {}
@@ -178,7 +178,7 @@ def test_the_cluster_round_leaves_out_what_the_defense_rejects(defense):
         assert len(set(report.clusters.values())) == 2
         if defense == "robust":
             assert list(report.rejected) == [0] and "cosine" in report.rejected[0]
-            got = aggregator.cluster_adapters[report.clusters[1]]
+            got = aggregator.clusters[report.clusters[1]].adapter
             assert all(torch.allclose(got[k], honest_mean[k], atol=1e-6) for k in got)
         else:
             assert report.rejected == {}

@@ -21,7 +21,7 @@ from fedaigc.experiments.privacy import Rows
 from fedaigc.protocol.lora import flatten
 from fedaigc.server import aggregation as agg
 from fedaigc.server.clustering import cluster
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 
 
 def hockey_stick_delta(epsilon: float, sigma: float, sensitivity: float) -> float:
@@ -85,14 +85,14 @@ def test_attacks_name_separable_styles_and_geometry_survives_rotation():
 
 
 def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny_cfg, tiny_data, tiny_model_dir):
-    """Two rounds of 4 clients through the server's Aggregator, with and without the key: the same
+    """Two rounds of 4 clients through the server's strategy, with and without the key: the same
     clusters and LoRAs, and slots (uploaded and aggregated) that differ exactly by R."""
     runs = {}
     for key in (0, 5):
         cfg = copy.deepcopy(tiny_cfg)
         cfg.client.embedding_key = key
         cfg.federation.k = 2
-        aggregator = Aggregator.from_config(cfg)
+        aggregator = make_strategy(cfg)
         uploads = {}
         for rnd in (1, 2):
             uploads = {}
@@ -114,9 +114,11 @@ def test_a_round_with_the_rotation_equals_one_without_it_up_to_the_rotation(tiny
         assert close(rot_up[cid].slot, r @ plain_up[cid].slot)
         assert torch.equal(rot_up[cid].slot, rot_up[cid].embedding)
         assert close(flatten(rot_up[cid].lora), flatten(plain_up[cid].lora))
-    for k, slot in plain_agg.cluster_slots.items():
-        assert close(rot_agg.cluster_slots[k], r @ slot)
-        assert not torch.allclose(rot_agg.cluster_slots[k], slot, atol=1e-2)  # the server never sees the real slot
+    slots = {k: s.slot for k, s in plain_agg.clusters.items() if s.slot is not None}
+    assert slots
+    for k, slot in slots.items():
+        assert close(rot_agg.clusters[k].slot, r @ slot)
+        assert not torch.allclose(rot_agg.clusters[k].slot, slot, atol=1e-2)  # the server never sees the real slot
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from fedaigc.protocol.wire import from_wire
 from fedaigc.server.participation import sample_clients
 from fedaigc.server.rundir import RunDir
 from fedaigc.server.server_app import ClusterStrategy
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 
 
 class FakeGrid:
@@ -68,7 +68,7 @@ def setup(tmp_path, tiny_cfg, tiny_data, tiny_model_dir):
         for k, v in (client or {}).items():
             setattr(cfg.client, k, v)
         run_config = {"config": config.to_toml(cfg), "data": str(tiny_data), "model": str(tiny_model_dir)}
-        aggregator = Aggregator.from_config(cfg)
+        aggregator = make_strategy(cfg)
         return cfg, run_config, aggregator, RunDir(tmp_path / f"run_{len(list(tmp_path.iterdir()))}")
 
     return make
@@ -116,14 +116,14 @@ def test_a_clients_first_round_trains_uniformly_and_a_profiling_pass_at_the_bias
     for c, content in replies.items():
         profile = from_wire(content["profile"].to_torch_state_dict())
         assert profile.keys() == {k for k in from_wire(content["lora"].to_torch_state_dict()) if k.startswith("unet.")}
-        change = aggregator.changes[c]
+        change = aggregator.clients[c].change
         assert all(torch.equal(change[k], profile[k]) for k in change)  # from the common start: the change is the LoRA
     _, replies, (first, second) = round_config(setup(client={"timestep_bias": 2.0}, profile_steps=0))
     assert first == second == {(2.0, 0)} and all("profile" not in r for r in replies.values())  # the round is the profile
     _, _, (first, second) = round_config(setup(client={"timestep_bias": 2.0}, cluster_by="embedding"))
     assert first == {(1.0, 0)} and second == {(2.0, 0)}  # the uniform round's token slot is the profile
     fedavg = setup(strategy="fedavg")[2]
-    assert not fedavg.profiling(0) and fedavg.profile_steps(0) == 0 and fedavg.timestep_bias(0, 2.0) == 2.0
+    assert fedavg.profile_steps(0) == 0 and fedavg.timestep_bias(0, 2.0) == 2.0
 
 
 def test_a_missing_or_poisoned_profile_rejects_the_clients_first_round(setup):
@@ -141,7 +141,7 @@ def test_a_missing_or_poisoned_profile_rejects_the_clients_first_round(setup):
     ClusterStrategy(cfg, aggregator).run(grid, run, 1, 2)
     rounds = json.loads(run.metrics_file.read_text())["rounds"]
     assert "no profile" in rounds[0]["rejected"]["0"] and "profile: NaN" in rounds[0]["rejected"]["3"]
-    assert set(rounds[0]["clusters"]) == {"1", "2"} and sorted(aggregator.changes) == [0, 1, 2, 3]
+    assert set(rounds[0]["clusters"]) == {"1", "2"} and all(aggregator.clients[c].change is not None for c in range(4))
     assert rounds[1]["rejected"] == {}  # asked again in round 2, with a profile this time
     sent = {(r, cid): msg.content["config"]["profile-steps"] for r, cid, msg in grid.sent if r}
     assert sent[(2, 0)] == sent[(2, 3)] == cfg.federation.profile_steps and sent[(2, 1)] == 0
@@ -163,7 +163,7 @@ def test_poisoned_updates_are_rejected_and_never_aggregated(setup):
     ClusterStrategy(cfg, aggregator).run(grid, run, 1, 1)
     rejected = json.loads(run.metrics_file.read_text())["rounds"][0]["rejected"]
     assert "NaN" in rejected["0"] and "median" in rejected["3"]
-    merged = aggregator.cluster_adapters[0]
+    merged = aggregator.clusters[0].adapter
     assert all(torch.isfinite(t).all() for t in merged.values())
     assert max(t.abs().max().item() for t in merged.values()) < 100
 
@@ -181,7 +181,7 @@ def test_flora_sends_the_growing_stack_and_a_restarted_server_resumes_it(setup):
     # a server killed after round 1 resumes from disk; the clients (cached) last merged round 3's stack
     _, _, first, resumed = setup(strategy="flora")
     ClusterStrategy(cfg, first).run(FakeGrid(4, run_config), resumed, 1, 1)
-    restarted = Aggregator.from_config(cfg)
+    restarted = make_strategy(cfg)
     resumed.restore(restarted, 1)
     ClusterStrategy(cfg, restarted).run(FakeGrid(4, run_config), resumed, 2, 3)
     a, b = (load_file(str(r.root / "adapters" / "global.safetensors")) for r in (run, resumed))

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedaigc.config import PRESETS
+from fedaigc.config import PRESETS, STRATEGY_NAMES
 from fedaigc.errors import RunFailed, UserError
 from fedaigc.inference import MIX_MODES
 
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strategy",
-        choices=["cluster", "fedavg", "fedgeomed", "flora", "local", "central"],
+        choices=STRATEGY_NAMES,
         help="server aggregation: cluster (ours), fedavg, fedgeomed, flora (stack all clients), local (no federation) "
         "or central (pooled data per domain, no Flower: the upper bound) (default: cluster)",
     )

@@ -97,7 +97,7 @@ class ClientConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = "cluster"  # cluster | fedavg | fedgeomed | flora | local | central
+    strategy: str = "cluster"  # cluster | fedavg | fedgeomed | flora | local | central (server/strategies.py)
     num_clients: int = 8
     fraction: float = 1.0  # share of the clients sampled to train each round (drawn from seed and round)
     rounds: int = 3
@@ -286,7 +286,7 @@ def to_toml(cfg: Config) -> str:
 # fedaigc can work with is refused here, naming the key, before any file is written or Ray starts.
 # The choices are named here; the modules that act on them import them from here.
 
-STRATEGIES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
+STRATEGY_NAMES = ("cluster", "fedavg", "fedgeomed", "flora", "local", "central")
 INTRA_MODES = ("fedit", "exact")
 CLUSTER_BY = ("update", "embedding")
 NEWCOMER_STARTS = ("initial", "global")
@@ -384,7 +384,7 @@ RULES: dict[str, Rule] = {
     "client.embedding_clip": above(0),
     "client.transfer_dtype": one_of(TRANSFER_DTYPES),
     "client.micro_batch": at_least(0),  # 0 = the whole batch
-    "federation.strategy": one_of(STRATEGIES),
+    "federation.strategy": one_of(STRATEGY_NAMES),
     "federation.num_clients": at_least(1),
     "federation.fraction": FRACTION,
     "federation.rounds": at_least(1),

@@ -21,7 +21,7 @@ from fedaigc.eval.scoring import SCORES, score
 from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
 from fedaigc.server.rundir import RunDir, write_json
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def evaluate_run(
     folder = ImageFolder(ensure_dataset(data, cfg), size=cfg.data.size)
     train, test = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(folder, train, cfg.evaluator, progress=progress)
-    aggregator = Aggregator.from_config(cfg)
+    aggregator = make_strategy(cfg)
     run.restore(aggregator, at_round or run.last_round())
     if global_stack and (cfg.federation.strategy != "cluster" or aggregator.global_adapter is None):
         raise UserError(f"{run.root}: only a finished cluster run has a global LoRA of its own to score")

@@ -24,7 +24,7 @@ from fedaigc.eval.evaluate import evaluate_run
 from fedaigc.eval.report import markdown_table, save_grid
 from fedaigc.eval.scoring import SCORES
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 from fedaigc.simulation.federate import simulate
 
 log = logging.getLogger("fedaigc.experiments")
@@ -68,7 +68,7 @@ class Plan:
         done = run.last_round()
         if done >= run_cfg.federation.rounds:
             # restoring checks that the state means what this fedaigc makes of it (an older run's may not)
-            run.restore(Aggregator.from_config(run_cfg), done)
+            run.restore(make_strategy(run_cfg), done)
             log.info("%s: trained already (%d rounds), reusing it", run_dir, done)
             return run
         return simulate(run_cfg, run_dir, self.data, self.model, resume=done > 0)[0]

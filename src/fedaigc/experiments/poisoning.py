@@ -43,7 +43,7 @@ from fedaigc.experiments.common import (
 )
 from fedaigc.inference.device import PersonalModel, generate
 from fedaigc.server.rundir import RunDir, write_json
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 
 log = logging.getLogger("fedaigc.experiments")
 
@@ -113,7 +113,7 @@ def backdoor_success(plan: Plan, run_cfg: config.Config, run: RunDir, victims: l
     folder = ImageFolder(ensure_dataset(plan.data, run_cfg), size=run_cfg.data.size)
     train, _ = split(folder.samples, run_cfg.data.held_out, run_cfg.data.seed)
     evaluator = evaluator_for(folder, train, run_cfg.evaluator, progress=plan.progress)
-    aggregator = Aggregator.from_config(run_cfg)
+    aggregator = make_strategy(run_cfg)
     run.restore(aggregator, run.last_round())
     classes = [trigger_class(folder.classes[i % len(folder.classes)]) for i in range(run_cfg.client.samples)]
     per_client = {}

@@ -60,7 +60,7 @@ from fedaigc.protocol.lora import flatten
 from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server.clustering import cluster
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 
 log = logging.getLogger("fedaigc.experiments")
 
@@ -149,9 +149,9 @@ def request_row(client: LocalClient, classes: list[str]) -> np.ndarray:
 
 
 def first_round(client: LocalClient, cfg: config.Config, cid: int, generator_seed: int | None = None):
-    """The client's round-1 upload, replayed: the server's round-1 plan for it (`Aggregator.plan_for`)
+    """The client's round-1 upload, replayed: the server's round-1 plan for it (`ServerStrategy.plan_for`)
     and the round's seed as the ClientApp derives it (or `generator_seed`, for shadows)."""
-    plan = Aggregator.from_config(cfg).plan_for(1, cid, cfg.client)
+    plan = make_strategy(cfg).plan_for(1, cid, cfg.client)
     return client.follow(plan, plan.client_seed(cid) if generator_seed is None else generator_seed)
 
 
@@ -162,14 +162,16 @@ def server_view(cfg: config.Config, run: RunDir, plan: Plan, classes: list[str])
     if path.is_file():
         return Rows.load(path)
     fed = cfg.federation
-    aggregator = Aggregator.from_config(cfg)
+    aggregator = make_strategy(cfg)
     run.restore(aggregator, run.last_round())
     styles, rows = [], defaultdict(list)
     for cid in range(fed.num_clients):
         client = build_client(cfg, cid, fed.num_clients, plan.data, plan.model)
         upload = first_round(client, cfg, cid)
         adapter, slot = aggregator.model_for(cid)
-        kept = slot if slot is not None and slot.numel() else torch.from_numpy(aggregator.centroids[aggregator.assignment[cid]])
+        kept = slot
+        if slot is None or not slot.numel():
+            kept = torch.from_numpy(aggregator.clusters[aggregator.assignment[cid]].centroid)
         client.load(adapter, slot)
         styles.append(client.domain)
         rows["emb_r1"].append(upload.embedding.double().numpy())

@@ -41,7 +41,7 @@ from fedaigc.errors import UserError
 from fedaigc.paths import replacing
 from fedaigc.protocol.adapter_files import save_adapter
 from fedaigc.protocol.lora import LoraSpec
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import ServerStrategy, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class RunDir:
         return metrics
 
     # one round --------------------------------------------------------------------------------
-    def save_round(self, aggregator: Aggregator, entry: dict, spec: LoraSpec, cfg: config.Config) -> None:
+    def save_round(self, aggregator: ServerStrategy, entry: dict, spec: LoraSpec, cfg: config.Config) -> None:
         """Write one finished round: its adapters, then its state (with `entry` and the config `cfg`
         it ran with; the state's presence marks the round as finished), then metrics.json, then the
         latest adapters' copies. A kill between any two steps leaves the last finished round whole."""
@@ -164,14 +164,14 @@ class RunDir:
             with replacing(folder / name) as tmp:
                 shutil.copyfile(folder / f"round_{r:03d}" / name, tmp)
 
-    def _write_adapters(self, folder: Path, aggregator: Aggregator, spec: LoraSpec) -> None:
+    def _write_adapters(self, folder: Path, aggregator: ServerStrategy, spec: LoraSpec) -> None:
         for cid in sorted(aggregator.assignment):
             adapter, slot = aggregator.model_for(cid)
             if adapter is not None:
                 save_adapter(folder / f"client_{cid}.safetensors", adapter, spec)
-        for k, adapter in aggregator.cluster_adapters.items():
+        for k, adapter in aggregator.trained().items():
             save_adapter(folder / f"cluster_{k}.safetensors", adapter, spec)
-            save_file({"slot": aggregator.cluster_slots[k].contiguous()}, str(folder / f"cluster_{k}.slot.safetensors"))
+            save_file({"slot": aggregator.clusters[k].slot.contiguous()}, str(folder / f"cluster_{k}.slot.safetensors"))
         write_json(folder / "clusters.json", cluster_info(aggregator))
         g = aggregator.global_adapter
         if g is not None:
@@ -185,10 +185,10 @@ class RunDir:
         scratch server) and metrics.json."""
         self.check_config(cfg, allow_change)
         if self.last_round():
-            self.restore(Aggregator.from_config(cfg), self.last_round())
+            self.restore(make_strategy(cfg), self.last_round())
         self.metrics()
 
-    def start(self, cfg: config.Config, aggregator: Aggregator) -> int:
+    def start(self, cfg: config.Config, aggregator: ServerStrategy) -> int:
         """Begin or resume a run of `cfg` (checked with `check_config` first): the last finished
         round restored into `aggregator` and its adapters published again (a kill may have stopped
         their copying), config.toml and metrics.json written. Returns the rounds done."""
@@ -237,7 +237,7 @@ class RunDir:
         except SafetensorError as e:
             raise UserError(f"{path} is corrupt: {e}") from None
 
-    def restore(self, aggregator: Aggregator, r: int) -> None:
+    def restore(self, aggregator: ServerStrategy, r: int) -> None:
         tensors, meta = self.state(r)
         try:
             aggregator.restore(tensors, meta)
@@ -266,17 +266,17 @@ class RunDir:
             )
 
 
-def cluster_info(aggregator: Aggregator) -> dict:
+def cluster_info(aggregator: ServerStrategy) -> dict:
     """What the inference server needs to weight clusters per request: members, shares, domain
     embeddings (the clustering centroids) and the DED temperature."""
-    ks = sorted(aggregator.cluster_adapters)
+    ks = list(aggregator.trained())
     members = {k: sorted(c for c, kk in aggregator.assignment.items() if kk == k) for k in ks}
     total = max(1, sum(len(m) for m in members.values()))
     clusters = {
         str(k): {
             "members": members[k],
             "share": len(members[k]) / total,
-            "embedding": aggregator.centroids[k].tolist() if k in aggregator.centroids else None,
+            "embedding": None if (centroid := aggregator.clusters[k].centroid) is None else centroid.tolist(),
         }
         for k in ks
     }

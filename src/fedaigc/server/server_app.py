@@ -1,5 +1,5 @@
 """The Flower ServerApp: the training edge server. A Message-API `Strategy` that sends each node
-its own cluster's LoRA and token slot, and hands the replies to the `Aggregator`.
+its own cluster's LoRA and token slot, and hands the replies to the `ServerStrategy` (server/strategies.py).
 
 Runs unchanged in the simulation engine (`fedaigc federate`) and under the Deployment Engine
 (`flwr run`); run config keys: `preset`, `config` (TOML overrides), `run-dir`, `data`, `model`.
@@ -22,15 +22,15 @@ from fedaigc.protocol.round import Upload
 from fedaigc.protocol.wire import wire_dtype
 from fedaigc.server import participation
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator, RoundReport
+from fedaigc.server.strategies import RoundReport, ServerStrategy, make_strategy
 
 log = logging.getLogger(__name__)
 
 
 class ClusterStrategy(Strategy):
-    """Sends per-node arrays (its cluster's adapter), aggregates with an `Aggregator`."""
+    """Sends per-node arrays (its cluster's adapter), aggregates with a `ServerStrategy`."""
 
-    def __init__(self, cfg: config.Config, aggregator: Aggregator, timeout: float = 3600):
+    def __init__(self, cfg: config.Config, aggregator: ServerStrategy, timeout: float = 3600):
         config.validate(cfg)
         self.cfg, self.aggregator, self.timeout = cfg, aggregator, timeout
         self.wire = wire_dtype(cfg.client.transfer_dtype)  # what the arrays travel in, both ways
@@ -170,7 +170,7 @@ def make_server_app(extra_run_config: dict | None = None) -> ServerApp:
             raise UserError("the central baseline pools the clients' data, it needs no federation: use `fedaigc federate`")
         run = RunDir(run_config.get("run-dir") or "runs/federate")
         run.check_config(cfg, bool(run_config.get("allow-config-change", False)))
-        aggregator = Aggregator.from_config(cfg)
+        aggregator = make_strategy(cfg)
         done = run.start(cfg, aggregator)
         ClusterStrategy(cfg, aggregator).run(grid, run, done + 1, cfg.federation.rounds)
 

@@ -22,7 +22,7 @@ from fedaigc.data.dataset import ImageFolder, ensure_dataset, partition, read_im
 from fedaigc.model.base import load_model
 from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server.rundir import RunDir
-from fedaigc.server.strategies import Aggregator
+from fedaigc.server.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def run_central(cfg: config.Config, run: RunDir, data: Path | None, model: Path 
             cfg.client,
             seed=derived_seed(fed.seed, "token", "central", domain),
         )
-    aggregator = Aggregator.from_config(cfg)
+    aggregator = make_strategy(cfg)
     done = run.start(cfg, aggregator)  # simulate checked the config against the run's saved rounds
     for r in range(done + 1, fed.rounds + 1):
         t0, losses = time.perf_counter(), []
