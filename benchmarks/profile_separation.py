@@ -3,13 +3,15 @@
 Flower, with the ClientApp's own clients and seeds: each client's profiling pass and its repeat
 (`LocalClient.train_round`), clustered as the server does.
 
-Per federation seed, for both rules: raw cosines of the first passes cut at `merge_similarity`
-(without a repeat) and noise-corrected cosines of both passes cut at `merge_agreement`
-(`clustering.reference_similarity`, the default): the ARI of the partition, its K, and the two
-similarities a cut has to fall between: the lowest at which average linkage completes a style's
-clients (last within-style merge) and the highest at which it first merges two styles.
+Per federation seed, for three rules: raw cosines of the first passes cut at `merge_similarity`
+(without a repeat), noise-corrected cosines of both passes cut at `merge_agreement`
+(`clustering.reference_similarity`, the server's rule) and a candidate measured here only, 1 − the
+separation in units of the clients' own noise cut at 0 (`separation` below): the ARI of the
+partition, its K, and the two similarities a cut has to fall between: the lowest at which average
+linkage completes a style's clients (last within-style merge) and the highest at which it first
+merges two styles.
 
-`--save DIR` writes each seed's Gram matrix of first passes and repeats (what both rules need) to
+`--save DIR` writes each seed's Gram matrix of first passes and repeats (what the rules need; also per layer) to
 `DIR/<styles>_seed<N>.npz` as soon as the seed is done; `--load DIR` evaluates the saved seeds
 without building a model, and `--centred` first removes the federation's mean pass from every pass
 (a diagnostic: the server does not centre).
@@ -53,6 +55,25 @@ def merge_margin(similarity: np.ndarray, domains: list[str]) -> tuple[float, flo
     return min(within, default=float("nan")), max(across, default=float("nan"))
 
 
+def separation(gram: np.ndarray) -> np.ndarray:
+    """A candidate rule measured here and not adopted (docs/results.md): how far apart n clients'
+    noise-free updates are in units of their own training noise, from the Gram of two passes each.
+    Δ_ij = ⟨A_i − A_j, B_i − B_j⟩ pairs noises that never meet, so E Δ_ij = ‖m_i − m_j‖²; half a
+    client's pass difference is pure noise with the spread of the noise in its mean pass, so
+    N_ij = ‖(A_i − B_i)/2 − (A_j − B_j)/2‖² is what noise alone puts between two mean passes, and
+    z = Δ / N is 0 for clients that learn the same thing. A direction every client learns cancels in
+    the difference; but z grows with how much a client's own images differ from its style partner's."""
+    n = len(gram) // 2
+    a, ab, b = gram[:n, :n], gram[:n, n:], gram[n:, n:]
+    delta = np.diag(ab)[:, None] + np.diag(ab)[None, :] - ab - ab.T
+    noise_gram = (a + b - ab - ab.T) / 4
+    d = np.diag(noise_gram)
+    noise = d[:, None] + d[None, :] - 2 * noise_gram
+    z = np.divide(delta, noise, out=np.zeros_like(delta), where=noise > 0)
+    np.fill_diagonal(z, 0.0)
+    return z
+
+
 def centre(g: np.ndarray) -> np.ndarray:
     """Gram matrix of the passes minus their mean (H G H, H = I − 11ᵀ/m): the federation's mean
     profile removed from every pass, from inner products alone."""
@@ -61,13 +82,14 @@ def centre(g: np.ndarray) -> np.ndarray:
 
 
 def rows(g: np.ndarray, domains: list[str], fed: FederationConfig) -> list[tuple[str, float, int, float, float]]:
-    """(rule, ARI, K, last within, first across) of both rules on the 2n x 2n Gram `g` of first
+    """(rule, ARI, K, last within, first across) of the three rules on the 2n x 2n Gram `g` of first
     passes (rows 0..n-1) and repeats."""
     n = len(domains)
     norms = np.sqrt(np.diag(g)[:n])
     rules = {
         "raw": (g[:n, :n] / np.outer(norms, norms), fed.merge_similarity),
         "rho": (reference_similarity(g), fed.merge_agreement),
+        "sep": (1.0 - separation(g), 0.0),
     }
     out = []
     for name, (similarity, cut) in rules.items():
@@ -77,7 +99,8 @@ def rows(g: np.ndarray, domains: list[str], fed: FederationConfig) -> list[tuple
 
 
 def replay(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]:
-    """Gram matrix of round 1's profiling passes and repeats of `n` clients, and their domains."""
+    """Per-layer Gram matrices (layers, 2n, 2n) of round 1's profiling passes and repeats of `n`
+    clients, and their domains."""
     fed = cfg.federation
     firsts, repeats, domains = [], [], []
     for cid in range(n):
@@ -89,7 +112,7 @@ def replay(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]:
         firsts.append(agg.change(upload.profile, None))
         repeats.append(agg.change(upload.profile_repeat, None))
         domains.append(client.domain)
-    return agg.gram(firsts + repeats).numpy(), domains
+    return agg.layer_grams(firsts + repeats).numpy(), domains
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         n = args.clients or fed.num_clients
         print(f"{args.styles} styles, {n} clients, profiling pass {fed.profile_steps} steps at timestep bias "
               f"{base.client.timestep_bias} and its repeat")
-    print(f"raw: first passes at merge_similarity {fed.merge_similarity}; rho: both at merge_agreement {fed.merge_agreement}")
+    print(f"raw: first passes at merge_similarity {fed.merge_similarity}; rho: both at merge_agreement {fed.merge_agreement}; "
+          "sep: 1 - separation of both at 0 (separation below the noise; a candidate, not the server's rule)")
     print(f"{'seed':>4s} {'rule':>4s} {'ARI':>5s} {'K':>2s} {'last within':>11s} {'first across':>12s} {'seconds':>7s}")
     for seed in seeds:
         if args.load is not None:
@@ -123,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             g, domains, seconds = saved["gram"], [str(d) for d in saved["domains"]], float(saved["seconds"])
         else:
             t0 = time.perf_counter()
-            g, domains = replay(dataclasses.replace(base, federation=dataclasses.replace(fed, seed=seed, num_clients=n)), n)
-            seconds = time.perf_counter() - t0
+            seed_cfg = dataclasses.replace(base, federation=dataclasses.replace(fed, seed=seed, num_clients=n))
+            per_layer, domains = replay(seed_cfg, n)
+            g, seconds = per_layer.sum(0), time.perf_counter() - t0
             if args.save is not None:
                 args.save.mkdir(parents=True, exist_ok=True)
-                np.savez(args.save / f"{args.styles}_seed{seed}.npz", gram=g, domains=np.array(domains), n=n, seconds=seconds)
+                saved = {"gram": g, "layer_grams": per_layer, "domains": np.array(domains), "n": n, "seconds": seconds}
+                np.savez(args.save / f"{args.styles}_seed{seed}.npz", **saved)
         for name, ari, k, within, across in rows(centre(g) if args.centred else g, domains, fed):
             print(f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f}", flush=True)
 

@@ -92,14 +92,16 @@ def test_profile_separation_evaluates_saved_grams_without_a_model(tmp_path, caps
     means = np.eye(4, 64)[[ord(s) - ord("a") for s in styles]] * 3.0
     passes = np.concatenate([means + rng.normal(0, 0.1, means.shape), means + rng.normal(0, 0.1, means.shape)])
     np.savez(tmp_path / "heldout_seed7.npz", gram=passes @ passes.T, domains=np.array(styles), n=8, seconds=5.0)
-    across = {}
+    across, sep = {}, {}
     for extra in ([], ["--centred"]):
         profile_separation.main(["--styles", "heldout", "--load", str(tmp_path), *extra])
         table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("   7")]
-        assert [row[:4] for row in table] == [["7", "raw", "1.00", "4"], ["7", "rho", "1.00", "4"]]
-        assert all(float(row[4]) > 0.8 for row in table)
-        across[bool(extra)] = [float(row[5]) for row in table]
+        assert [row[:4] for row in table] == [["7", rule, "1.00", "4"] for rule in ("raw", "rho", "sep")]
+        assert all(float(row[4]) > 0.8 for row in table[:2]) and float(table[2][4]) > 0  # sep: within the noise
+        across[bool(extra)] = [float(row[5]) for row in table[:2]]
+        sep[bool(extra)] = table[2]
     assert all(abs(a) < 0.1 for a in across[False])  # orthogonal styles
     assert all(a < -0.2 for a in across[True])  # four centred orthogonal directions: cosines -1/3
+    assert float(sep[False][5]) < -10 and sep[True] == sep[False]  # styles 30 noise units apart; a mean cancels
     with pytest.raises(SystemExit):
         profile_separation.main(["--styles", "default", "--load", str(tmp_path)])

@@ -93,7 +93,10 @@ def set_base_delta(model: DiffusionModel, delta: Adapter | None, source: str = "
     stacked adapter of any rank with scale 1 (`aggregation.stack`); the trainable LoRA stays on
     top, untouched. W is always recomputed from W0, the weights the model was loaded with, never
     added to what is there, so the same delta gives the same model in a cached client and in a
-    fresh process (a resumed run). None restores W0. All or nothing, like `set_adapter`."""
+    fresh process (a resumed run). None restores W0. All or nothing, like `set_adapter`.
+    Not diffusers' `fuse_lora`/`unfuse_lora`: they call peft's `merge`/`unmerge`, which add and
+    subtract the delta in place (W0 + BA - BA drifts from W0 round after round), and they would
+    need a peft adapter of the stack's rank, which changes every round."""
     a_suffix, b_suffix = ".lora_A.weight", ".lora_B.weight"
     saved: dict[str, torch.Tensor] = vars(model).setdefault("_base_weights", {})
     delta = delta or {}

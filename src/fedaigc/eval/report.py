@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageDraw, ImageOps
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -16,21 +17,25 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def save_grid(rows: list[torch.Tensor], path: Path, labels: list[str] | None = None, scale: int = 3) -> Path:
     """One row per tensor of images in [0, 1] (N, 3, H, W), upscaled `scale`x (nearest), with an
-    optional label to the left of each row."""
+    optional label to the left of each row. The tiles are laid out by diffusers' `make_image_grid`
+    (short rows padded with white); the label column is ours, which diffusers has none of."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = rows[0].shape[-2:]
     cols = max(len(r) for r in rows)
+    blank = Image.new("RGB", (w * scale, h * scale), "white")
+    tiles = []
+    for images in rows:
+        row = [to_pil(img).resize(blank.size, Image.Resampling.NEAREST) for img in images]
+        tiles += [ImageOps.expand(tile, border=1, fill="white") for tile in row + [blank] * (cols - len(row))]
+    body = make_image_grid(tiles, rows=len(rows), cols=cols)
     label_w = 8 * max((len(s) for s in labels), default=0) + 8 if labels else 0
-    cell = (w * scale + 2, h * scale + 2)
-    grid = Image.new("RGB", (label_w + cols * cell[0], len(rows) * cell[1]), "white")
+    grid = Image.new("RGB", (label_w + body.width, body.height), "white")
+    grid.paste(body, (label_w, 0))
     draw = ImageDraw.Draw(grid)
-    for r, images in enumerate(rows):
-        if labels:
-            draw.text((4, r * cell[1] + cell[1] // 2 - 5), labels[r], fill="black")
-        for c, img in enumerate(images):
-            tile = to_pil(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-            grid.paste(tile, (label_w + c * cell[0] + 1, r * cell[1] + 1))
+    row_h = body.height // len(rows)
+    for r, label in enumerate(labels or []):
+        draw.text((4, r * row_h + row_h // 2 - 5), label, fill="black")
     grid.save(path)
     return path
 

@@ -43,6 +43,7 @@ import torch
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from safetensors import SafetensorError, deserialize
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -309,9 +310,10 @@ def create_app(
     app.state.engine, app.state.stats = engine, stats
     app.add_middleware(CountStatus, status=stats.status)
 
-    def client(request: Request) -> Client:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        found = store.find(token) if scheme.lower() == "bearer" else None
+    bearer = HTTPBearer(auto_error=False)  # None for a missing header or another scheme: the 401 below
+
+    def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Client:
+        found = store.find(credentials.credentials) if credentials else None
         if found is None:
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
         return found

@@ -143,7 +143,9 @@ def stack(
 ) -> Adapter:
     """Exact stacking: B_G = [c_1 s_1 B_1 … c_K s_K B_K], A_G = [A_1; …; A_K], so that
     B_G A_G = Σ c_k ΔW_k with the global scale 1 (save it with alpha = rank). A coefficient is a
-    number or a {layer: number} dict. `max_rank` truncates each layer by SVD (then not exact)."""
+    number or a {layer: number} dict. `max_rank` truncates each layer by SVD (then not exact).
+    This is peft's `add_weighted_adapter(combination_type="cat")` on plain tensors: the server
+    holds no model to attach peft adapters to, and per-layer coefficients (SNT) need their own loop."""
     out: Adapter = {}
     for layer in layers(adapters[0]):
         bs, as_ = [], []
