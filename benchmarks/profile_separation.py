@@ -9,7 +9,9 @@ Per federation seed, for three rules: raw cosines of the first passes cut at `me
 separation in units of the clients' own noise cut at 0 (`separation` below): the ARI of the
 partition, its K, and the two similarities a cut has to fall between: the lowest at which average
 linkage completes a style's clients (last within-style merge) and the highest at which it first
-merges two styles.
+merges two styles; `lone`, of the n federations without one of the clients (its style partner then
+alone), how many are clustered exactly; `partial`, of the C(n, n/2) halves clustered first with the
+others then joining one by one (`clustering.join_similarity`), how many end exact.
 
 `--save DIR` writes each seed's Gram matrix of first passes and repeats (what the rules need; also per layer) to
 `DIR/<styles>_seed<N>.npz` as soon as the seed is done; `--load DIR` evaluates the saved seeds
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from fedaigc.config import Config, FederationConfig, preset
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.protocol.seeds import derived_seed
 from fedaigc.server import aggregation as agg
-from fedaigc.server.clustering import cluster_similarity, reference_similarity
+from fedaigc.server.clustering import cluster_similarity, join_similarity, reference_similarity
 
 
 def merge_margin(similarity: np.ndarray, domains: list[str]) -> tuple[float, float]:
@@ -81,20 +84,45 @@ def centre(g: np.ndarray) -> np.ndarray:
     return h @ g @ h
 
 
-def rows(g: np.ndarray, domains: list[str], fed: FederationConfig) -> list[tuple[str, float, int, float, float]]:
-    """(rule, ARI, K, last within, first across) of the three rules on the 2n x 2n Gram `g` of first
-    passes (rows 0..n-1) and repeats."""
-    n = len(domains)
+def similarities(g: np.ndarray, fed: FederationConfig) -> dict[str, tuple[np.ndarray, float]]:
+    """{rule: (similarity between the n clients, its cut)} from the 2n x 2n Gram `g` of first passes
+    (rows 0..n-1) and repeats."""
+    n = len(g) // 2
     norms = np.sqrt(np.diag(g)[:n])
-    rules = {
+    return {
         "raw": (g[:n, :n] / np.outer(norms, norms), fed.merge_similarity),
         "rho": (reference_similarity(g), fed.merge_agreement),
         "sep": (1.0 - separation(g), 0.0),
     }
+
+
+def exact(similarity: np.ndarray, cut: float, domains: list[str], first: list[int]) -> bool:
+    """Is the partition exact when the clients `first` are clustered and the others then join one by
+    one, as newcomers do (`clustering.join_similarity`)? `first` = everyone: the plain clustering."""
+    order = first + [i for i in range(len(domains)) if i not in first]
+    s = similarity[np.ix_(order, order)]
+    labels = cluster_similarity(s[: len(first), : len(first)], cut)
+    joined = [k for k, _ in join_similarity(s, labels, cut, int(labels.max()) + 1)]
+    return clustering_ari([domains[i] for i in order], [*labels, *joined]) > 1 - 1e-9
+
+
+def rows(g: np.ndarray, domains: list[str], fed: FederationConfig) -> list[tuple]:
+    """(rule, ARI, K, last within, first across, lone, partial) of the three rules on the Gram `g`:
+    lone = of the n federations without one client (its style partner left alone), how many are
+    exact; partial = of the C(n, n/2) halves clustered first with the others joining, how many."""
+    n = len(domains)
     out = []
-    for name, (similarity, cut) in rules.items():
+    for name, (similarity, cut) in similarities(g, fed).items():
         labels = cluster_similarity(similarity, cut)
-        out.append((name, clustering_ari(domains, list(labels)), len(set(labels)), *merge_margin(similarity, domains)))
+        lone = 0
+        for left_out in range(n):
+            keep = [i for i in range(n) if i != left_out]
+            sub = similarities(g[np.ix_(keep + [n + i for i in keep], keep + [n + i for i in keep])], fed)[name][0]
+            lone += exact(sub, cut, [domains[i] for i in keep], list(range(n - 1)))
+        halves = [list(c) for c in combinations(range(n), n // 2)]
+        partial = sum(exact(similarity, cut, domains, half) for half in halves)
+        ari = clustering_ari(domains, list(labels))
+        out.append((name, ari, len(set(labels)), *merge_margin(similarity, domains), f"{lone}/{n}", f"{partial}/{len(halves)}"))
     return out
 
 
@@ -140,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{base.client.timestep_bias} and its repeat")
     print(f"raw: first passes at merge_similarity {fed.merge_similarity}; rho: both at merge_agreement {fed.merge_agreement}; "
           "sep: 1 - separation of both at 0 (separation below the noise; a candidate, not the server's rule)")
-    print(f"{'seed':>4s} {'rule':>4s} {'ARI':>5s} {'K':>2s} {'last within':>11s} {'first across':>12s} {'seconds':>7s}")
+    print(f"{'seed':>4s} {'rule':>4s} {'ARI':>5s} {'K':>2s} {'last within':>11s} {'first across':>12s} {'seconds':>7s} "
+          f"{'lone':>5s} {'partial':>7s}")
     for seed in seeds:
         if args.load is not None:
             saved = np.load(files[seed])
@@ -154,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
                 args.save.mkdir(parents=True, exist_ok=True)
                 saved = {"gram": g, "layer_grams": per_layer, "domains": np.array(domains), "n": n, "seconds": seconds}
                 np.savez(args.save / f"{args.styles}_seed{seed}.npz", **saved)
-        for name, ari, k, within, across in rows(centre(g) if args.centred else g, domains, fed):
-            print(f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f}", flush=True)
+        for name, ari, k, within, across, lone, partial in rows(centre(g) if args.centred else g, domains, fed):
+            print(f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f} {lone:>5s} {partial:>7s}",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

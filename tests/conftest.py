@@ -16,6 +16,27 @@ from fedaigc.config import preset  # noqa: E402
 from fedaigc.data.dataset import write_dataset  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_ray_for_the_session():
+    """The simulated federations of the session share one Ray instance. flwr's RayBackend.terminate
+    stops the run's actors and then shuts Ray down, so every `run_simulation` pays Ray's start-up
+    again (docs/benchmarks.md, "Test suite"); here it stops the actors only, and Ray goes at the end."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    terminate = RayBackend.terminate
+
+    def stop_actors(self: RayBackend) -> None:
+        if self.pool:
+            self.pool.terminate_all_actors()
+
+    RayBackend.terminate = stop_actors
+    yield
+    RayBackend.terminate = terminate
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture
 def one_thread():
     """Bit-exact comparisons: with several threads, float sums may differ in the last bit between
