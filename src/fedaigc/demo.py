@@ -18,7 +18,7 @@ from fedaigc.data.dataset import ImageFolder, ensure_dataset, read_images, split
 from fedaigc.eval.base_model import evaluate_base
 from fedaigc.eval.evaluate import evaluate_run
 from fedaigc.eval.plots import curves, grouped_bars
-from fedaigc.eval.report import markdown_table, save_grid
+from fedaigc.eval.report import markdown_table, render_report, save_grid
 from fedaigc.eval.scoring import SCORES
 from fedaigc.inference.device import InferenceServer
 from fedaigc.inference.service import run_service
@@ -137,23 +137,14 @@ def write_report(cfg: config.Config, out: Path, summary: dict, data: Path | None
         "diffusion loss",
         plots / "train_loss.png",
     )
-    grid = _sample_grid(cfg, out, summary, data)
-    ev, bm = base["evaluator"], base["base_model"]
     c, f = strategies["cluster"]["final"]["mean"], strategies["fedavg"]["final"]["mean"]
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
-    lines = [
-        "# fedaigc demo report",
-        "",
-        f"Preset `{cfg.preset}`: {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds of "
-        f"{cfg.client.steps} local LoRA steps, prompt mode `{cfg.client.prompt_mode}`, {cfg.client.samples} generated "
-        f"samples per client. Wall time {summary['seconds'] / 60:.1f} min. Every number below was computed by this run.",
-        "",
-        f"A sample is *in style* (or *right class*) only when the evaluator's top guess is right with probability "
-        f">= {base['threshold']}; the top-guess share is shown beside it.",
-        "",
-        "## Cluster-aware aggregation vs FedAvg",
-        "",
-        markdown_table(
+    ev = base["evaluator"]
+    report = {
+        "cfg": cfg,
+        "seconds": summary["seconds"],
+        "threshold": base["threshold"],
+        "strategies": markdown_table(
             [
                 "strategy",
                 "style acc",
@@ -170,68 +161,36 @@ def write_report(cfg: config.Config, out: Path, summary: dict, data: Path | None
             ],
             rows,
         ),
-        "",
-        f"Cluster-aware vs FedAvg: evaluator-FID ratio {ratio(c['fid'], f['fid']):.2f} (paper: 0.6), latent alignment "
-        f"ratio {ratio(c['alignment'], f['alignment']):.2f} (paper: 1.4).",
-        "",
-        "![style accuracy per client](plots/style_per_client.png)",
-        "",
-        "![evaluator-FID per client](plots/fid_per_client.png)",
-        "",
-        "![training loss](plots/train_loss.png)",
-        "",
-        "## Hybrid inference",
-        "",
-        hybrid_paragraph(cfg, strategies["cluster"]["final"]),
-        "",
-        "### Per client",
-        "",
-        markdown_table(
+        "fid_ratio": ratio(c["fid"], f["fid"]),
+        "alignment_ratio": ratio(c["alignment"], f["alignment"]),
+        "hybrid": hybrid(strategies["cluster"]["final"]),
+        "per_client": markdown_table(
             ["client", "domain"] + [f"{LABELS[s].split(' ')[0]} {k}" for s in STRATEGIES for k in ("style", "class", "FID")],
             per_client_rows,
         ),
-        "",
-        "### Samples (per client: real, FedAvg, cluster-aware)",
-        "",
-        f"![samples]({grid.name})",
-        "",
-        "Each strategy's run directory has its own report, with its rounds: [FedAvg](fedavg/report.md), "
-        "[cluster-aware](cluster/report.md).",
-        "",
-        "## Evaluator and base model",
-        "",
-        markdown_table(
+        "grid": _sample_grid(cfg, out, summary, data).name,
+        "evaluator": markdown_table(
             ["held-out images", "domain top", "domain confident", "class top", "class confident"],
             [[ev["images"], ev["domain_top"], ev["domain_confident"], ev["class_top"], ev["class_confident"]]],
         ),
-        "",
-        f"Base model (prompts that never name a style), {bm['samples']} samples: class accuracy {bm['class_acc']:.1%} "
-        f"(top guess {bm['class_top']:.1%}); styles it produces: "
-        + ", ".join(f"{d} {v:.0%}" for d, v in bm["domain_shares"].items())
-        + ".",
-        "",
-        "![real images](real_grid.png) ![base model samples](base_grid.png)",
-        "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+        "base_model": base["base_model"],
+    }
+    return render_report("demo", report, out / "report.md")
 
 
-def hybrid_paragraph(cfg: config.Config, final: dict) -> str:
+def hybrid(final: dict) -> dict | None:
+    """Hybrid inference's cost per image, for the report; None where the devices generated alone."""
     inf = final.get("inference", {})
     if not inf.get("hybrid"):
-        return "The cluster-aware samples were generated on the devices alone (no inference server)."
+        return None
     images = final["samples_per_client"] * len(final["per_client"])
-    return (
-        f"Every cluster-aware sample above was made by hybrid inference: a real inference edge server "
-        f"(FastAPI + uvicorn on 127.0.0.1, holding the cluster adapters) ran the first {inf['server_steps']} of "
-        f"{cfg.sample.steps} steps (s = {inf['split']}) from the device's encoded prompt and task embedding, and each "
-        f"device finished with its own adapter: {inf['device_seconds'] / images:.2f} s of device compute per image, "
-        f"{inf['bytes_sent'] / images / 1024:.1f} KiB sent and {inf['bytes_received'] / images / 1024:.1f} KiB received "
-        f"per image. The split ratio's effect on quality and device time: `benchmarks/hybrid_inference.py` "
-        f"(docs/benchmarks.md)."
-    )
+    return {
+        "server_steps": inf["server_steps"],
+        "split": inf["split"],
+        "device_seconds": inf["device_seconds"] / images,
+        "kib_sent": inf["bytes_sent"] / images / 1024,
+        "kib_received": inf["bytes_received"] / images / 1024,
+    }
 
 
 def headline(summary: dict) -> str:

@@ -1,9 +1,11 @@
-"""Pictures for people: image grids (PNG) and small Markdown tables."""
+"""Pictures for people: image grids (PNG), small Markdown tables and the Markdown reports, rendered
+from the Jinja2 templates in `eval/templates/` (the prose lives there, the numbers come from the caller)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import torch
 from diffusers.utils import make_image_grid
@@ -61,3 +63,20 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("fedaigc.eval"),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_TEMPLATES.filters["fmt"] = format  # {{ x | fmt(".1%") }}: Python's format spec, as in an f-string
+
+
+def render_report(name: str, data: dict, path: Path) -> Path:
+    """Write `templates/<name>.md.j2` rendered with `data` to `path`; a key the template uses and
+    `data` lacks raises (StrictUndefined) instead of leaving a blank in the report."""
+    path.write_text(_TEMPLATES.get_template(f"{name}.md.j2").render(data))
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedaigc.data.dataset import read_images
 from fedaigc.eval.plots import curves, grouped_bars
-from fedaigc.eval.report import markdown_table, save_grid
+from fedaigc.eval.report import markdown_table, render_report, save_grid
 from fedaigc.eval.scoring import SCORES
 
 
@@ -41,31 +41,19 @@ def write_run_report(root: Path, metrics: dict, image_size: int, per_row: int = 
     rows = [read_images(sorted((root / "samples" / f"client_{c}").glob("*.png"))[:per_row], image_size) for c in clients]
     save_grid(rows, root / "samples_grid.png", labels=names, scale=2)
     inference = final.get("inference", {})
-    made = (
-        f"by hybrid inference (the inference edge server ran the first {inference['server_steps']} steps of each)"
-        if inference.get("hybrid")
-        else "on the devices alone"
-    )
-    whose = "the global LoRA" if final["adapters"] == "global" else "the adapter and token slot the server gives it"
-    lines = [
-        f"# Run `{root.name}`: strategy `{metrics['strategy']}`",
-        "",
-        f"{len(clients)} clients, {len(rounds)} rounds; {final['samples_per_client']} samples per client made {made}, "
-        f"each with {whose}. Clustering ARI against the "
-        f"clients' dominant domains after the last round: {metrics['clustering']['ari']:.2f}. A sample is in style "
-        f"(right class) when the evaluator's top guess is right with probability >= {threshold}; *top* counts every "
-        "right top guess. Every number comes from `metrics.json`.",
-        "",
-        "## Mean over clients",
-        "",
-        markdown_table(
+    data = {
+        "name": root.name,
+        "metrics": metrics,
+        "final": final,
+        "rounds": rounds,
+        "clients": clients,
+        "server_steps": inference["server_steps"] if inference.get("hybrid") else None,  # None: on the devices alone
+        "per_row": per_row,
+        "mean": markdown_table(
             ["style acc", "style top", "class acc", "class top", "evaluator-FID", "KID", "alignment"],
             [[final["mean"][k] for k in SCORES]],
         ),
-        "",
-        "## Per client",
-        "",
-        markdown_table(
+        "per_client": markdown_table(
             ["client", "domain", "cluster", "style acc", "class acc", "evaluator-FID", "alignment"],
             [
                 [c, per_client[c]["domain"], last.get(c, "-")]
@@ -73,12 +61,7 @@ def write_run_report(root: Path, metrics: dict, image_size: int, per_row: int = 
                 for c in clients
             ],
         ),
-        "",
-        "![accuracy per client](plots/accuracy_per_client.png)",
-        "",
-        "## Rounds",
-        "",
-        markdown_table(
+        "rounds_table": markdown_table(
             ["round", "train loss", "clusters", "clustering ARI", "bytes up", "bytes down", "seconds", "missing", "rejected"],
             [
                 [
@@ -95,14 +78,5 @@ def write_run_report(root: Path, metrics: dict, image_size: int, per_row: int = 
                 for r in rounds
             ],
         ),
-        "",
-        "![training loss](plots/train_loss.png)",
-        "",
-        f"## Samples (per client, the first {per_row})",
-        "",
-        "![samples](samples_grid.png)",
-        "",
-    ]
-    path = root / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    }
+    return render_report("run", data, root / "report.md")

@@ -18,16 +18,15 @@ from pathlib import Path
 from fedaigc import config
 from fedaigc.data.dataset import ImageFolder, ensure_dataset
 from fedaigc.eval.plots import curves, grouped_bars
-from fedaigc.eval.report import markdown_table
+from fedaigc.eval.report import markdown_table, render_report
 from fedaigc.experiments.common import (
     Plan,
     Result,
     Setting,
-    closing,
     federated,
-    intro,
     numbers,
     quality_table,
+    report_data,
     run_lines,
     sample_grid,
     select,
@@ -90,11 +89,6 @@ def write_report(plan: Plan, results: list[Result], seconds: float) -> Path:
     strategies = [r for r in results if r.setting.name not in ABLATIONS]
     family = [r for r in results if r.setting.overrides["federation"]["strategy"] == "cluster"]
     domains = sorted(c.removeprefix("style_acc_") for c in results[0].rows[0] if c.startswith("style_acc_"))
-    lines = ["# Experiment: aggregation strategies", "", intro(plan, seconds), ""]
-    if strategies:
-        lines += strategy_section(plan.cfg, strategies, domains, plots)
-    if family:
-        lines += ablation_section(family, domains, plots)
     curves(
         {r.setting.label: r.per_round("train_loss") for r in results},
         "Convergence: mean local training loss per round",
@@ -109,41 +103,24 @@ def write_report(plan: Plan, results: list[Result], seconds: float) -> Path:
         "KiB per client",
         plots / "bytes_per_round.png",
     )
-    lines += [
-        "## Convergence and communication",
-        "",
-        "Training loss is each round's mean over clients of the diffusion loss over the last quarter of their local "
-        "steps (central: over its per-domain trainers). Only the rounds' training loss is plotted; the quality metrics are "
-        "computed once, after the last round.",
-        "",
-        "![training loss per round](plots/train_loss.png)",
-        "",
-        markdown_table(
-            ["setting", "KiB up / client / round", "KiB down / client / round", "s / round", "final train loss"],
-            [
-                [r.setting.label, r.cell("kib_up", 1), r.cell("kib_down", 1), r.cell("s_per_round", 1), r.cell("final_loss", 4)]
-                for r in results
-            ],
-        ),
-        "",
-        "Upload: LoRA tensors, token slot and task embedding; download: what the server sends each client (round 1: "
-        "nothing, every client starts from the same initial adapter; FLoRA: the cumulative stack, growing every round; "
-        "local: its own adapter back; central: no network). Seconds per round are wall time on this machine, all "
-        "clients sharing its cores.",
-        "",
-        "![bytes per round](plots/bytes_per_round.png)",
-        "",
-    ]
+    communication = markdown_table(
+        ["setting", "KiB up / client / round", "KiB down / client / round", "s / round", "final train loss"],
+        [
+            [r.setting.label, r.cell("kib_up", 1), r.cell("kib_down", 1), r.cell("s_per_round", 1), r.cell("final_loss", 4)]
+            for r in results
+        ],
+    )
     grid_rows = [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in results]
     grid_rows += [
         (f"{r.setting.label}, global LoRA", r.runs[0] / "samples" / "global", r.metrics[0]["global"]["per_client"])
         for r in family
     ]
-    grid, shown = sample_grid(plan, grid_rows)
-    lines += closing(plan, grid, shown, run_lines(results))
-    path = plan.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    data = report_data(plan, seconds, sample_grid(plan, grid_rows), run_lines(results)) | {
+        "strategies": strategy_tables(plan.cfg, strategies, domains, plots) if strategies else None,
+        "ablations": ablation_tables(family, domains, plots) if family else None,
+        "communication": communication,
+    }
+    return render_report("aggregation", data, plan.out / "report.md")
 
 
 def per_domain(
@@ -165,25 +142,11 @@ def per_domain(
     )
 
 
-def strategy_section(cfg: config.Config, strategies: list[Result], domains: list[str], plots: Path) -> list[str]:
-    return [
-        "## Strategies",
-        "",
-        "Each client generates with what the strategy gives it: its cluster's adapter (ours), the one shared adapter "
-        "(FedAvg, FedGeoMed), the base with the merged stack of every round (FLoRA), its own adapter (local), or its "
-        "domain's adapter trained on the pooled images of that domain's clients (central). Clustering ARI is against the "
-        "clients' true dominant domains after the last round: one shared adapter scores 0, and local's one cluster per "
-        "client scores 1 only when no two clients share a domain.",
-        "",
-        quality_table("strategy", strategies),
-        "",
-        versus_fedavg(strategies) or "Ours or FedAvg was not run: no ratio to the paper's claims.",
-        "",
-        "### Per domain",
-        "",
-        "Confident style accuracy, mean over the clients of each dominant domain:",
-        "",
-        per_domain(
+def strategy_tables(cfg: config.Config, strategies: list[Result], domains: list[str], plots: Path) -> dict:
+    return {
+        "quality": quality_table("strategy", strategies),
+        "versus_fedavg": versus_fedavg(strategies),
+        "style": per_domain(
             strategies,
             domains,
             "style_acc",
@@ -192,12 +155,7 @@ def strategy_section(cfg: config.Config, strategies: list[Result], domains: list
             plots / "style_per_domain.png",
             ylim=(0, 1),
         ),
-        "",
-        "![style accuracy per domain](plots/style_per_domain.png)",
-        "",
-        "Evaluator-FID per domain:",
-        "",
-        per_domain(
+        "fid": per_domain(
             strategies,
             domains,
             "fid",
@@ -206,31 +164,17 @@ def strategy_section(cfg: config.Config, strategies: list[Result], domains: list
             plots / "fid_per_domain.png",
             1,
         ),
-        "",
-        "![evaluator-FID per domain](plots/fid_per_domain.png)",
-        "",
-    ]
+    }
 
 
-def ablation_section(family: list[Result], domains: list[str], plots: Path) -> list[str]:
+def ablation_tables(family: list[Result], domains: list[str], plots: Path) -> dict:
     own = ["style_acc", "fid", "alignment", "ari", "fedit_error"]
     glob = ["global_style_acc", "global_class_acc", "global_fid", "global_kid", "global_alignment"]
     header = ["setting", "style acc", "evaluator-FID", "alignment", "clustering ARI", "fedit error"]
     header += ["global: style acc", "global: class acc", "global: evaluator-FID", "global: KID", "global: alignment"]
-    return [
-        "## Ablations of cluster-aware aggregation",
-        "",
-        "Left: the cluster adapters the clients use (as in the table above). Right: the global LoRA alone, i.e. the exact "
-        "stack Σ c_k ΔW_k of the cluster LoRAs with the DED/SNT coefficients c_k, merged into the base, each client "
-        "keeping its cluster's token slot. DED and SNT act only there: the clients never receive the global LoRA, so "
-        "without them training and the cluster adapters are unchanged. The fedit error is the relative error of "
-        "averaging A and B separately against averaging ΔW = BA, in the last round (`exact` uses the latter).",
-        "",
-        markdown_table(header, [[r.setting.label] + [r.cell(c) for c in own + glob] for r in family]),
-        "",
-        "Global LoRA alone, confident style accuracy per domain:",
-        "",
-        per_domain(
+    return {
+        "table": markdown_table(header, [[r.setting.label] + [r.cell(c) for c in own + glob] for r in family]),
+        "style": per_domain(
             family,
             domains,
             "global_style_acc",
@@ -239,10 +183,7 @@ def ablation_section(family: list[Result], domains: list[str], plots: Path) -> l
             plots / "global_lora_style.png",
             ylim=(0, 1),
         ),
-        "",
-        "![global LoRA style accuracy](plots/global_lora_style.png)",
-        "",
-    ]
+    }
 
 
 def per_round_kib(result: Result) -> tuple[list[int], list[float]]:

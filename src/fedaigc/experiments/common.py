@@ -237,22 +237,6 @@ def write_results(plan: Plan, results: list[Result], seconds: float) -> Path:
     return path
 
 
-def intro(plan: Plan, seconds: float) -> str:
-    """The first paragraph of every experiment report: the setup and what the numbers mean."""
-    cfg, seeds = plan.cfg, plan.seeds
-    runs = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}, mean ± sample std over seeds"
-    return (
-        f"Preset `{cfg.preset}`: {cfg.federation.num_clients} clients, {cfg.federation.rounds} round(s) of "
-        f"{cfg.client.steps} local LoRA steps, {cfg.client.samples} generated samples per client and setting, "
-        f"{cfg.sample.steps} sampling steps; federation {runs}. Wall time {seconds / 60:.1f} min. Every number below "
-        f"was computed by this experiment; `results.csv` has them all, `results.json` each seed's.\n\n"
-        f"A sample is *in style* (*right class*) only when the evaluator's top guess is right with probability >= "
-        f"{cfg.evaluator.confidence}; *top* is the share where the top guess is right. Evaluator-FID and KID use the "
-        f"evaluator's penultimate features (lower is better); alignment is the mean cosine of generated images' features "
-        f"to the centroid of the client's real images' features (higher is better)."
-    )
-
-
 def sample_grid(plan: Plan, rows: list[tuple[str, Path, dict]]) -> tuple[Path, list[str]]:
     """`samples_grid.png`: one row per (label, samples folder, per-client scores) with `SHOWN`
     images of the first client of each domain, after a row of real held-out images. Returns the
@@ -273,21 +257,18 @@ def sample_grid(plan: Plan, rows: list[tuple[str, Path, dict]]) -> tuple[Path, l
     return save_grid(images, plan.out / "samples_grid.png", labels=labels, scale=2), domains
 
 
-def closing(plan: Plan, grid: Path, domains: list[str], runs: list[str]) -> list[str]:
-    """A report's last sections: the sample grid and the run directories behind the numbers."""
-    return [
-        "## Samples",
-        "",
-        f"Seed {plan.seeds[0]}; per row, {SHOWN} images of the first client of each domain ({', '.join(domains)}), left "
-        f"to right, from the same noise seeds in every row.",
-        "",
-        f"![samples]({grid.name})",
-        "",
-        "## Runs",
-        "",
-        *runs,
-        "",
-    ]
+def report_data(plan: Plan, seconds: float, grid: tuple[Path, list[str]] | None, runs: list[str]) -> dict:
+    """What `_experiment.md.j2` (the frame of every experiment report) shows: the setup, the sample
+    grid and its domains (`sample_grid`'s return; None: no grid) and the run directory lines."""
+    return {
+        "cfg": plan.cfg,
+        "seeds": plan.seeds,
+        "seconds": seconds,
+        "grid": grid[0].name if grid else None,
+        "domains": grid[1] if grid else [],
+        "shown": SHOWN,
+        "runs": runs,
+    }
 
 
 def quality_table(first: str, results: list[Result]) -> str:

@@ -3,7 +3,7 @@
 Every client of the last domain and the last client of the domain before it join after round 1.
 A newcomer's first round starts from the common start (the initial LoRA and neutral slot every
 client began from), so its first update (or task embedding) is comparable with the profiles of
-the clients already placed; the server then places it by `placement_rule` (server/strategies.py).
+the clients already placed; the server places it by that similarity (server/strategies.py).
 Clusters are formed once, in round 1 (`recluster_every` = every round), so no client already
 placed moves. Four runs per seed, with the same clients and partition:
 
@@ -29,14 +29,13 @@ from fedaigc import config
 from fedaigc.data.dataset import ImageFolder, ensure_dataset
 from fedaigc.errors import UserError
 from fedaigc.eval.plots import grouped_bars
-from fedaigc.eval.report import markdown_table
+from fedaigc.eval.report import markdown_table, render_report
 from fedaigc.experiments.common import (
     Plan,
     Result,
     Setting,
-    closing,
-    intro,
     numbers,
+    report_data,
     run_lines,
     sample_grid,
     select,
@@ -164,22 +163,6 @@ def run_dynamic(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]:
     return write_report(plan, by, late, existing, domains, seconds), summary
 
 
-def placement_rule(cfg: config.Config) -> str:
-    """How the server placed a newcomer, in words, for the report."""
-    if cfg.federation.cluster_by == "update":
-        what = (
-            "the mean raw cosine of the UNet change its first round made to those of each cluster's members (the "
-            "clustering's average linkage)"
-        )
-    else:
-        what = (
-            "the cosine of its task embedding to each cluster centroid, both taken relative to the share-weighted "
-            "mean of the centroids"
-        )
-    threshold = join_threshold(cfg.federation)
-    return f"the server then places it by {what}: the most similar cluster if >= {threshold}, else a new cluster."
-
-
 def write_report(
     plan: Plan, by: dict[str, Result], late: list[int], existing: list[int], domains: list[str], seconds: float
 ) -> Path:
@@ -187,24 +170,8 @@ def write_report(
     rounds = cfg.federation.rounds
     after = [1, rounds] if rounds > 1 else [1]
     domain = {c: domains[c % len(domains)] for c in range(cfg.federation.num_clients)}
-    lines = [
-        "# Experiment: clients that join a running federation",
-        "",
-        intro(plan, seconds),
-        "",
-        f"Schedule: clients {', '.join(map(str, existing))} train from round 1; clients {', '.join(map(str, late))} "
-        f"(newcomers) join in round {JOIN_AFTER + 1} and train {rounds} round(s). Clusters are formed once, in round 1, "
-        f"and never re-formed, so no client already placed moves. A newcomer's first round starts from the common start "
-        f"(the initial LoRA and the neutral token slot every client began from in round 1), so what it uploads is "
-        f"comparable with the profiles of the clients already placed (their round-1 uploads); {placement_rule(cfg)} "
-        f"A newcomer "
-        f"placed into an existing cluster is not averaged into it in that first round (it did not train from the "
-        f"cluster's adapter); it is from its next round on. *Global warm start*: the same, but the newcomers' first "
-        f"round starts from the global LoRA truncated by SVD to rank {cfg.client.rank} and the clusters' token slots "
-        f"averaged by share. The newcomers' runs *from scratch* train alone (`local`) from the initial LoRA for the same "
-        f"rounds of the same local steps.",
-        "",
-    ]
+    data = {"late": late, "existing": existing, "join_after": JOIN_AFTER, "threshold": join_threshold(cfg.federation)}
+    data |= {"placement": None, "newcomers": None, "existing_clients": None}  # the sections whose settings ran fill them
     joining = [by[name] for name in JOINING if name in by]
     if joining:
         rows = []
@@ -221,19 +188,9 @@ def write_report(
                         r.cell(f"c{c}_right", 2),
                     ]
                 )
-        lines += [
-            "## Placement",
-            "",
-            f"Where each newcomer went after its first round (*right*: into a cluster with clients of its domain when the "
-            f"federation already had some, else into a cluster of newcomers only; mean over seeds). Threshold "
-            f"{join_threshold(cfg.federation)}.",
-            "",
-            markdown_table(
-                ["setting", "newcomer", "domain seen before", "similarity to nearest cluster", "placed in", "right"],
-                rows,
-            ),
-            "",
-        ]
+        data["placement"] = markdown_table(
+            ["setting", "newcomer", "domain seen before", "similarity to nearest cluster", "placed in", "right"], rows
+        )
     newcomer_rows = [by[name] for name in (*JOINING, "scratch") if name in by]
     if newcomer_rows:
         cols = [
@@ -253,26 +210,14 @@ def write_report(
         per_client = [
             [f"{c} ({domain[c]})"] + [r.cell(f"c{c}_new_{a}_style_acc") for a in after for r in newcomer_rows] for c in late
         ]
-        lines += [
-            "## Newcomers: joining vs from scratch",
-            "",
-            "Mean over the newcomers of what each generates with what the server gives it after its first and last round "
-            "(joining: its cluster's adapter, or its new cluster's; from scratch: its own adapter).",
-            "",
-            markdown_table(
+        data["newcomers"] = {
+            "table": markdown_table(
                 ["setting", *[h for _, h in cols]], [[r.setting.label] + [r.cell(k) for k, _ in cols] for r in newcomer_rows]
             ),
-            "",
-            "![newcomers](plots/newcomers.png)",
-            "",
-            "Per newcomer, confident style accuracy:",
-            "",
-            markdown_table(
-                ["newcomer", *[f"{r.setting.label}, after {a}" for a in after for r in newcomer_rows]],
-                per_client,
+            "per_client": markdown_table(
+                ["newcomer", *[f"{r.setting.label}, after {a}" for a in after for r in newcomer_rows]], per_client
             ),
-            "",
-        ]
+        }
     existing_rows = [by[name] for name in ("static", *JOINING) if name in by]
     if existing_rows:
         cols = [("old_style_acc", "style acc"), ("old_worst_style_acc", "worst style acc"), ("old_class_acc", "class acc")]
@@ -288,27 +233,10 @@ def write_report(
             plots / "existing.png",
             ylim=(0, 1),
         )
-        lines += [
-            "## Existing clients: with and without newcomers",
-            "",
-            f"The clients that trained from round 1, after round {JOIN_AFTER + rounds}, in the same federation with and "
-            f"without the newcomers.",
-            "",
-            markdown_table(
-                ["setting", *[h for _, h in cols]], [[r.setting.label] + [r.cell(k) for k, _ in cols] for r in existing_rows]
-            ),
-            "",
-            "![existing clients](plots/existing.png)",
-            "",
-        ]
-    results = list(by.values())
-    if joining:
-        grid, shown = sample_grid(
-            plan, [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in joining]
+        data["existing_clients"] = markdown_table(
+            ["setting", *[h for _, h in cols]], [[r.setting.label] + [r.cell(k) for k, _ in cols] for r in existing_rows]
         )
-        lines += closing(plan, grid, shown, run_lines(results))
-    else:
-        lines += ["## Runs", "", *run_lines(results), ""]
-    path = plan.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    rows_of = [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in joining]
+    grid = sample_grid(plan, rows_of) if joining else None
+    data = report_data(plan, seconds, grid, run_lines(list(by.values()))) | data
+    return render_report("dynamic", data, plan.out / "report.md")

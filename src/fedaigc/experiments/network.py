@@ -26,15 +26,14 @@ import numpy as np
 
 from fedaigc import config
 from fedaigc.eval.plots import curves, grouped_bars
-from fedaigc.eval.report import markdown_table
+from fedaigc.eval.report import markdown_table, render_report
 from fedaigc.experiments.common import (
     Plan,
     Result,
     Setting,
-    closing,
-    intro,
     numbers,
     quality_table,
+    report_data,
     run_lines,
     sample_grid,
     select,
@@ -195,83 +194,50 @@ def write_report(plan: Plan, results: list[Result], rounds: int, target: float, 
             if group
         ],
     )
-    lines = [
-        "# Experiment: network-aware sampling and weighting",
-        "",
-        intro(plan, seconds),
-        "",
-        "## Setup",
-        "",
-        f"{rounds} rounds (twice the preset's: partial participation needs more). Each round a client is online with its "
-        f"profile's probability (a draw of seed, round and client, identical in both settings), and {FRACTION:.0%} of the "
-        f"online clients (rounded up) train. Simulated round time: the slowest participant's two latencies, download, "
-        f"upload and {cfg.client.steps} local steps. *Plain*: uniform sampling, weights ∝ examples (× similarity to the "
-        f"centroid, as always). *Network-aware*: the server estimates each client's participation rate from the rounds "
-        f"since it joined, (k + 1) / (m + 2), samples online clients ∝ 1 / that estimate and weights updates by "
-        f"examples / estimate (normalised within each cluster).",
-        "",
-        profile,
-        "",
-        "## Quality per client",
-        "",
-        quality_table("setting", results),
-        "",
-        markdown_table(
-            [
-                "setting",
-                "worst client: style acc",
-                "worst client: evaluator-FID",
-                "rare: style acc",
-                "frequent: style acc",
-                "rare: rounds trained",
-                "frequent: rounds trained",
-            ],
-            [
-                [r.setting.label]
-                + [r.cell(k) for k in ("worst_style_acc", "worst_fid", "rare_style_acc", "frequent_style_acc")]
-                + [r.cell(k, 1) for k in ("rare_rounds", "frequent_rounds")]
-                for r in results
-            ],
-        ),
-        "",
-        "![style per client](plots/style_per_client.png)",
-        "",
-        "![rounds per client](plots/rounds_per_client.png)",
-        "",
-        "## Time and bytes to a target quality",
-        "",
-        f"Every client scored after rounds {', '.join(map(str, points))}. Target: mean confident style accuracy "
-        f"{target:.3f}, the best the weaker setting reached at a checkpoint; time and bytes are cumulative up to the first "
-        f"checkpoint at or above it (a checkpoint, not the exact round).",
-        "",
-        markdown_table(
-            [
-                "setting",
-                *[f"style acc after round {p}" for p in points],
-                "checkpoint reaching the target",
-                "simulated minutes to target",
-                "MiB to target",
-                f"simulated minutes, all {rounds} rounds",
-                f"MiB, all {rounds} rounds",
-            ],
-            [
-                [r.setting.label]
-                + [r.cell(f"style_acc_round_{p}") for p in points]
-                + [r.cell("target_round", 0), r.cell("sim_minutes_to_target", 1), r.cell("mib_to_target", 1)]
-                + [r.cell(f"sim_minutes_round_{rounds}", 1), r.cell(f"mib_round_{rounds}", 1)]
-                for r in results
-            ],
-        ),
-        "",
-        "![quality vs time](plots/quality_vs_time.png)",
-        "",
-        "![quality vs bytes](plots/quality_vs_bytes.png)",
-        "",
-    ]
-    grid, shown = sample_grid(
-        plan, [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in results]
+    per_client_table = markdown_table(
+        [
+            "setting",
+            "worst client: style acc",
+            "worst client: evaluator-FID",
+            "rare: style acc",
+            "frequent: style acc",
+            "rare: rounds trained",
+            "frequent: rounds trained",
+        ],
+        [
+            [r.setting.label]
+            + [r.cell(k) for k in ("worst_style_acc", "worst_fid", "rare_style_acc", "frequent_style_acc")]
+            + [r.cell(k, 1) for k in ("rare_rounds", "frequent_rounds")]
+            for r in results
+        ],
     )
-    lines += closing(plan, grid, shown, run_lines(results))
-    path = plan.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    to_target = markdown_table(
+        [
+            "setting",
+            *[f"style acc after round {p}" for p in points],
+            "checkpoint reaching the target",
+            "simulated minutes to target",
+            "MiB to target",
+            f"simulated minutes, all {rounds} rounds",
+            f"MiB, all {rounds} rounds",
+        ],
+        [
+            [r.setting.label]
+            + [r.cell(f"style_acc_round_{p}") for p in points]
+            + [r.cell("target_round", 0), r.cell("sim_minutes_to_target", 1), r.cell("mib_to_target", 1)]
+            + [r.cell(f"sim_minutes_round_{rounds}", 1), r.cell(f"mib_round_{rounds}", 1)]
+            for r in results
+        ],
+    )
+    grid = sample_grid(plan, [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in results])
+    data = report_data(plan, seconds, grid, run_lines(results)) | {
+        "rounds": rounds,
+        "fraction": FRACTION,
+        "profile": profile,
+        "quality": quality_table("setting", results),
+        "per_client": per_client_table,
+        "points": points,
+        "target": target,
+        "to_target": to_target,
+    }
+    return render_report("network", data, plan.out / "report.md")

@@ -27,15 +27,14 @@ from fedaigc.eval.evaluate import sample_seed
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import confident_accuracy
 from fedaigc.eval.plots import grouped_bars
-from fedaigc.eval.report import markdown_table, save_grid, save_images
+from fedaigc.eval.report import markdown_table, render_report, save_grid, save_images
 from fedaigc.experiments.common import (
     Plan,
     Result,
     Setting,
-    closing,
     federated,
-    intro,
     quality_table,
+    report_data,
     run_lines,
     sample_grid,
     select,
@@ -187,7 +186,6 @@ def run_poisoning(plan: Plan, only: list[str] | None = None) -> tuple[Path, str]
 def write_report(
     plan: Plan, results: list[Result], seconds: float, num_clients: int, attackers: dict[int, str], domains: list[str]
 ) -> Path:
-    cfg = plan.cfg.federation
     attack_groups = groups(num_clients, attackers, domains)
     attacks = list(attack_groups)
     rows = {
@@ -233,67 +231,10 @@ def write_report(
         )
         for r in results
     ]
-    grid, shown = sample_grid(plan, honest_rows)
     by_label = [r.setting.label for r in results]
-    lines = [
-        "# Experiment: poisoning inside a cluster, with and without the robust defense",
-        "",
-        intro(plan, seconds),
-        "",
-        "## Setup",
-        "",
-        f"{num_clients} clients, {num_clients // len(domains)} per style ({', '.join(domains)}), cluster-aware strategy with "
-        f"k fixed to {len(domains)}, the number of styles (so each attack stays in a cluster of its own; the clustering ARI "
-        "is in the last table). "
-        f"Attackers: {', '.join(f'client {c} ({domains[c % len(domains)]}, {a})' for c, a in attackers.items())}: "
-        f"{len(attackers) / num_clients:.0%} of the clients and of every style. The attacks act on the LoRA upload relative to "
-        "what the server sent (update = uploaded - received); token slot and task embedding stay honest, so an attacker "
-        "stays in its cluster. *Scaled update*: the update x10. *Sign flip*: the update x-1. *Random noise*: the update "
-        "replaced by Gaussian noise of the honest update's norm. *Backdoor*: half of the attacker's images swapped for "
-        f"images of the next style, captioned with the trigger word `{TRIGGER}` after the class; the update is not boosted.",
-        "",
-        f'The defense (`federation.defense = "robust"`) screens each cluster of at least 3 members in ΔW space: an update '
-        f"longer than {cfg.defense_norm:g} x the cluster's median update norm, or whose cosine (every layer weighted alike) to "
-        f"the geometric median update of the other members is below {cfg.defense_cos:g} x the cluster's median such cosine, "
-        "is rejected for that round "
-        "(metrics.json `rejected`); the rest are averaged as usual. Detection counts every (client, round): recall = "
-        "rejected attacker updates / attacker updates, precision = "
-        "rejected attacker updates / all rejections in those clusters, false alarms = rejected honest updates / honest "
-        "updates. Quality is over the honest members of the attacked cluster only (each client scored with its cluster's "
-        "adapter); the no-attack runs score the same clients.",
-        "",
-        "## Quality of the attacked clusters' honest members",
-        "",
-        markdown_table(
-            ["attack (cluster)", *[f"style acc: {x}" for x in by_label], *[f"FID: {x}" for x in by_label]],
-            [
-                [rows[a]] + [r.cell(f"{a}_style_acc") for r in results] + [r.cell(f"{a}_fid", 1) for r in results]
-                for a in [*attacks, "all"]
-            ],
-        ),
-        "",
-        "![style accuracy](plots/honest_style_acc.png)",
-        "",
-        "![FID](plots/honest_fid.png)",
-        "",
-        "## Detection",
-        "",
-        markdown_table(
-            ["attack (cluster)", *[f"{k}: {x}" for x in by_label for k in ("recall", "precision", "false alarms")]],
-            [
-                [rows[a]] + [r.cell(f"{a}_{k}", 2) for r in results for k in ("recall", "precision", "false_alarms")]
-                for a in [*attacks, "all"]
-            ],
-        ),
-        "",
-        "`-`: nothing was rejected (no precision) or there is nothing of that kind to count.",
-        "",
-    ]
-    if defended:
-        lines += ["![detection](plots/detection.png)", ""]
+    backdoor = None
     if "backdoor" in attack_groups:
         bad, victims = attack_groups["backdoor"]
-        target = backdoor_target(domains[bad[0] % len(domains)], domains)
         triggered = save_grid(
             [
                 read_images(
@@ -305,27 +246,35 @@ def write_report(
             labels=by_label,
             scale=2,
         )
-        lines += [
-            "## Backdoor",
-            "",
-            f"Success: the share of the backdoor cluster's honest members' samples for triggered prompts (\"a <style> of a "
-            f"<class> {TRIGGER}\") that the evaluator confidently calls {target}, the attacker's target style. The no-attack "
-            "runs give the rate without any backdoor.",
-            "",
-            markdown_table(["setting", "backdoor success"], [[r.setting.label, r.cell("backdoor_success")] for r in results]),
-            "",
-            f"Triggered samples of client {victims[0]} (seed {plan.seeds[0]}), one row per setting:",
-            "",
-            f"![triggered samples]({triggered.name})",
-            "",
-        ]
-    lines += [
-        "## Every client (attackers included)",
-        "",
-        quality_table("setting", results),
-        "",
-    ]
-    lines += closing(plan, grid, shown, run_lines(results))
-    path = plan.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+        backdoor = {
+            "target": backdoor_target(domains[bad[0] % len(domains)], domains),
+            "table": markdown_table(
+                ["setting", "backdoor success"], [[r.setting.label, r.cell("backdoor_success")] for r in results]
+            ),
+            "victim": victims[0],
+            "grid": triggered.name,
+        }
+    data = report_data(plan, seconds, sample_grid(plan, honest_rows), run_lines(results)) | {
+        "num_clients": num_clients,
+        "styles": domains,
+        "attackers": [f"client {c} ({domains[c % len(domains)]}, {a})" for c, a in attackers.items()],
+        "trigger": TRIGGER,
+        "quality": markdown_table(
+            ["attack (cluster)", *[f"style acc: {x}" for x in by_label], *[f"FID: {x}" for x in by_label]],
+            [
+                [rows[a]] + [r.cell(f"{a}_style_acc") for r in results] + [r.cell(f"{a}_fid", 1) for r in results]
+                for a in [*attacks, "all"]
+            ],
+        ),
+        "detection": markdown_table(
+            ["attack (cluster)", *[f"{k}: {x}" for x in by_label for k in ("recall", "precision", "false alarms")]],
+            [
+                [rows[a]] + [r.cell(f"{a}_{k}", 2) for r in results for k in ("recall", "precision", "false_alarms")]
+                for a in [*attacks, "all"]
+            ],
+        ),
+        "defended": bool(defended),
+        "backdoor": backdoor,
+        "every_client": quality_table("setting", results),
+    }
+    return render_report("poisoning", data, plan.out / "report.md")

@@ -41,15 +41,14 @@ from fedaigc.data.render import DOMAINS, STYLE_WORDS
 from fedaigc.eval.attacks import accuracy, chance, invert, match_geometry, probe, vocabulary_rank
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.eval.plots import curves, grouped_bars
-from fedaigc.eval.report import markdown_table
+from fedaigc.eval.report import markdown_table, render_report
 from fedaigc.experiments.common import (
     Plan,
     Result,
     Setting,
-    closing,
     federated,
-    intro,
     quality_table,
+    report_data,
     run_lines,
     sample_grid,
     select,
@@ -319,7 +318,6 @@ def _strongest(result: Result, columns: dict[str, str]) -> str:
 def write_report(plan: Plan, results: list[Result], sweep: list[dict], seconds: float) -> Path:
     cfg, plots = plan.cfg, plan.out / "plots"
     rounds = results[0].per_round("ari")[0]
-    c = cfg.client
     attack_cols = [f"atk_{k}_r1" for k in UPLOAD_ATTACKS] + [f"atk_{k}" for k in REQUEST_ATTACKS]
     attack_names = list(UPLOAD_ATTACKS.values()) + list(REQUEST_ATTACKS.values())
     grouped_bars(
@@ -377,47 +375,9 @@ def write_report(plan: Plan, results: list[Result], sweep: list[dict], seconds: 
         + [f"{r.cell('vocab_rank_r1', 0)} / {r.cell('vocab_rank_final', 0)}"]
         for r in results
     ]
-    grid, shown = sample_grid(
-        plan, [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in results]
-    )
-    n = cfg.federation.num_clients
-    lines = [
-        "# Experiment: privacy of prompts (attribute inference by the server)",
-        "",
-        intro(plan, seconds),
-        "",
-        "## What the training edge server receives",
-        "",
-        "Every setting uploads the LoRA tensors, the number of examples and a task embedding, never text or images. "
-        '*Plain*: prompts name the style ("a sketch of a dog") and the task embedding is the text encoder\'s pooled '
-        'output of the client\'s style phrases ("a sketch"). *Private*: the style word becomes a per-client token whose '
-        "name stays on the device; the task embedding *is* the token's learned input embedding (its slot), which is also "
-        "uploaded and averaged inside the cluster; it starts from the public word "
-        f'"picture". *Keyed rotation*: the clients share a secret key (`client.embedding_key`); each uploads R·v for '
-        "the slot and the task embedding, the server clusters and averages as before (cosines, centring and means "
-        "commute with R), and clients rotate the returned slot back. *Noise*: the Gaussian mechanism on the round's "
-        f"change of the slot, clipped to L2 norm {c.embedding_clip:g} (sensitivity {2 * c.embedding_clip:g}: any two "
-        f"updates), σ from the analytic Gaussian mechanism for (ε, δ = {c.embedding_delta:g}) per round; over the run the "
-        "rounds compose (zero-concentrated DP). The LoRA tensors are sent in the clear in every setting. The inference "
-        "edge server receives the text-encoder states of each prompt, encoded on the device with its personalized model.",
-        "",
-        "## Attacks",
-        "",
-        f"The attacker is the server: it knows the config, the public base model and the four candidate styles, and "
-        f"has images of each style of its own (the generator with another seed), but no client data and no key. It "
-        f"trains {SHADOWS_PER_STYLE.get(cfg.preset, 2)} shadow client(s) per style itself, with the clients' code, for "
-        f"one round. *Nearest word*: the candidate whose public embedding (the word's input embedding relative to "
-        f'"picture" for a slot; the pooled "a <word>" for a plain embedding) is nearest in cosine. *Shadow probe*: '
-        f"logistic regression trained on the shadows' uploads (noise-aware: on noisy copies when the mechanism is on). "
-        f"*Geometry match*: clusters the uploads and names the clusters by matching their inner-product matrix to the "
-        f"shadows' (rotation-invariant). *Requests*: the same on the inference requests' text-encoder states (mean over "
-        f'positions and prompts; nearest prompt against the public model\'s "a <word> of a <class>"). Accuracy = share '
-        f"of the {n} clients whose dominant style the attack names; chance = the most common style's share. With "
-        f"{n} clients one client is {1 / n:.2f}.",
-        "",
-        "## Privacy and utility",
-        "",
-        markdown_table(
+    data = {
+        "shadows": SHADOWS_PER_STYLE.get(cfg.preset, 2),
+        "summary": markdown_table(
             [
                 "setting",
                 "style acc",
@@ -431,22 +391,14 @@ def write_report(plan: Plan, results: list[Result], sweep: list[dict], seconds: 
             ],
             summary_rows,
         ),
-        "",
-        "Attacks on the round-1 uploads and on the inference requests (accuracy, share of clients). Noise: ε per "
-        "round and over the run at the stated δ, and the noise std σ per coordinate.",
-        "",
-        "![attacks](plots/attacks.png)",
-        "",
-        "## Every attack",
-        "",
-        "Round-1 upload / the server's state after the last round (the client's cluster slot, or cluster centroid for "
-        "plain prompts, and its cluster adapter); requests: after the last round. Vocabulary rank: nearest-vocabulary "
-        "inversion of the slot over every token of the tokenizer (cosine relative to the starting word; median over "
-        "clients of the true style word's rank, 1 = nearest; only where the upload is a slot).",
-        "",
-        markdown_table(["setting", *attack_names, "slot: vocabulary rank of the true word"], detail_rows),
-        "",
-    ]
+        "detail": markdown_table(["setting", *attack_names, "slot: vocabulary rank of the true word"], detail_rows),
+        "sweep": None,
+        "utility": quality_table("setting", results),
+        "ari": markdown_table(
+            ["setting", *[f"round {x}" for x in rounds]],
+            [[r.setting.label] + [r.cell(f"ari_round_{x}", 2) for x in rounds] for r in results],
+        ),
+    }
     if sweep:
         curves(
             {
@@ -464,48 +416,14 @@ def write_report(plan: Plan, results: list[Result], sweep: list[dict], seconds: 
             plots / "noise_sweep.png",
             integer_x=False,
         )
-        lines += [
-            "## Noise alone: attacks and clustering against ε",
-            "",
-            f"The private setting's clean round-1 slots, through the mechanism alone (no rotation) at each ε, "
-            f"{SWEEP_DRAWS} noise draws each (mean); the clustering is the server's clustering by task embeddings "
-            f'(`cluster_by = "embedding"`, automatic k). With `cluster_by = "update"` (the default; this run: '
-            f"{cfg.federation.cluster_by}) the server clusters by the LoRA updates, which the mechanism does not "
-            f"touch. No federation is run per ε, so utility is only measured at ε = {EPSILON:g} above.",
-            "",
-            markdown_table(
-                ["ε per round", "σ", "nearest word", "shadow probe", "geometry match", "clustering ARI"],
-                [
-                    [f"{s['epsilon']:g}", f"{s['sigma']:.3f}", f"{s['invert']:.2f}", f"{s['probe']:.2f}"]
-                    + [f"{s['geometry']:.2f}", f"{s['ari']:.2f}"]
-                    for s in sweep
-                ],
-            ),
-            "",
-            "![noise sweep](plots/noise_sweep.png)",
-            "",
-        ]
-    lines += [
-        "## Utility",
-        "",
-        quality_table("setting", results),
-        "",
-        "![utility](plots/utility.png)",
-        "",
-        "## Clustering per round",
-        "",
-        "Adjusted Rand index of the server's clusters after each round against the clients' true dominant domains "
-        "(1 = the domains exactly, about 0 = chance).",
-        "",
-        markdown_table(
-            ["setting", *[f"round {x}" for x in rounds]],
-            [[r.setting.label] + [r.cell(f"ari_round_{x}", 2) for x in rounds] for r in results],
-        ),
-        "",
-        "![ARI per round](plots/ari_per_round.png)",
-        "",
-    ]
-    lines += closing(plan, grid, shown, run_lines(results))
-    path = plan.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+        table = markdown_table(
+            ["ε per round", "σ", "nearest word", "shadow probe", "geometry match", "clustering ARI"],
+            [
+                [f"{s['epsilon']:g}", f"{s['sigma']:.3f}", f"{s['invert']:.2f}", f"{s['probe']:.2f}"]
+                + [f"{s['geometry']:.2f}", f"{s['ari']:.2f}"]
+                for s in sweep
+            ],
+        )
+        data["sweep"] = {"draws": SWEEP_DRAWS, "epsilon": EPSILON, "table": table}
+    grid = sample_grid(plan, [(r.setting.label, r.runs[0] / "samples", r.metrics[0]["final"]["per_client"]) for r in results])
+    return render_report("privacy", report_data(plan, seconds, grid, run_lines(results)) | data, plan.out / "report.md")

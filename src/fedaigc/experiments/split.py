@@ -19,15 +19,14 @@ import torch
 from fedaigc.data.dataset import read_images
 from fedaigc.errors import UserError
 from fedaigc.eval.plots import curves
-from fedaigc.eval.report import markdown_table
+from fedaigc.eval.report import markdown_table, render_report
 from fedaigc.experiments.common import (
     Plan,
     Result,
     Setting,
     brief,
-    closing,
-    intro,
     numbers,
+    report_data,
     sample_grid,
     write_results,
 )
@@ -165,59 +164,37 @@ def write_report(plan: Plan, results: list[Result], points: list[tuple[float, st
     for (s, mode), r in zip(points, results, strict=True):
         key = key_of(s, mode)
         shown_rows.append((f"{r.setting.label} {mode}", samples_of(r.runs[0], key), r.metrics[0][key]["per_client"]))
-    grid, shown = sample_grid(plan, shown_rows)
-    lines = [
-        "# Experiment: split ratio of hybrid inference",
-        "",
-        intro(plan, seconds),
-        "",
-        "## Quality and device compute per server share s and mode",
-        "",
-        f"One cluster-aware run per seed, trained once; each client then generates its {cfg.client.samples} samples at "
-        f"each s with its own adapter and private token. s = 0: every step on the device, no service. s > 0: a real "
-        f"inference edge server (FastAPI + uvicorn on 127.0.0.1 inside this process, holding the run's cluster adapters) "
-        f"runs the first ceil(s*T) of T = {cfg.sample.steps} steps from the prompt states the device encoded, with the "
-        f"adapters of the mode: "
-        + "; ".join(f"{k}: {v}" for k, v in MIX_MODES.items() if k in modes)
-        + ". Only auto sends the device's task embedding. The device finishes with its own adapter. Device compute "
-        "= encoding + the device's steps + decoding, waiting for the server excluded; it is wall time on this machine, "
-        "which also runs the service, so compare ratios rather than absolute times. Pixel change: mean absolute "
-        "difference (0-1) of the images at s from the all-local ones made from the same noise; 0 means the server's steps "
-        "gave exactly what the device's own adapter gives.",
-        "",
-        markdown_table(
-            [
-                "s",
-                "mode",
-                "server steps",
-                "device s / image",
-                "device time vs s = 0",
-                "KiB sent / image",
-                "KiB received / image",
-                "style acc",
-                "style acc change vs s = 0",
-                "pixel change vs s = 0",
-                "style top",
-                "class acc",
-                "evaluator-FID",
-                "KID",
-                "alignment",
-            ],
-            rows,
-        ),
-        "",
-    ]
-    for name in PLOTS:
-        lines += [f"![{name.replace('_', ' ')}](plots/{name}.png)", ""]
+    table = markdown_table(
+        [
+            "s",
+            "mode",
+            "server steps",
+            "device s / image",
+            "device time vs s = 0",
+            "KiB sent / image",
+            "KiB received / image",
+            "style acc",
+            "style acc change vs s = 0",
+            "pixel change vs s = 0",
+            "style top",
+            "class acc",
+            "evaluator-FID",
+            "KID",
+            "alignment",
+        ],
+        rows,
+    )
     runs = [
         f"- seed {seed}: `cluster_seed{seed}/` (s = 0: `final` in its metrics.json and `samples/`; s > 0: `split_<s>` "
         f"(auto) or `split_<s>_<mode>` and the same folder under `samples/`)"
         for seed in plan.seeds
     ]
-    lines += closing(plan, grid, shown, runs)
-    path = plan.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    data = report_data(plan, seconds, sample_grid(plan, shown_rows), runs) | {
+        "modes": {k: v for k, v in MIX_MODES.items() if k in modes},
+        "table": table,
+        "plots": list(PLOTS),
+    }
+    return render_report("split", data, plan.out / "report.md")
 
 
 def pixel_change(run_dir: Path, key: str, size: int) -> float:
