@@ -33,6 +33,7 @@ def test_tiny_demo_writes_the_report_and_prints_the_headline(tmp_path, tiny_data
     headings = ["## Cluster-aware aggregation vs FedAvg", "## Hybrid inference", "### Per client", "## Evaluator and base model"]
     assert all(heading in report for heading in headings)
     assert "| FedAvg |" in report and "| cluster-aware (ours, hybrid inference) |" in report
+    assert f"mix = `{hybrid['mix']}`" in report and hybrid["mix"] == "auto"  # the server's mode, as the service ran it
     images = ["plots/style_per_client.png", "plots/fid_per_client.png", "plots/train_loss.png"]
     images += ["samples_grid.png", "real_grid.png", "base_grid.png"]
     for name in images:

@@ -20,6 +20,7 @@ from fedaigc.eval.evaluate import evaluate_run
 from fedaigc.eval.plots import curves, grouped_bars
 from fedaigc.eval.report import markdown_table, render_report, save_grid
 from fedaigc.eval.scoring import SCORES
+from fedaigc.inference import MIX_MODES
 from fedaigc.inference.device import InferenceServer
 from fedaigc.inference.service import run_service
 from fedaigc.model.base import pick_device
@@ -187,6 +188,8 @@ def hybrid(final: dict) -> dict | None:
     return {
         "server_steps": inf["server_steps"],
         "split": inf["split"],
+        "mix": inf["mix"],
+        "mix_meaning": MIX_MODES[inf["mix"]],
         "device_seconds": inf["device_seconds"] / images,
         "kib_sent": inf["bytes_sent"] / images / 1024,
         "kib_received": inf["bytes_received"] / images / 1024,
