@@ -17,6 +17,15 @@ def test_confident_accuracy_counts_only_confident_right_guesses():
     assert r == {"confident": 0.5, "top": 0.75}
 
 
+def test_centred_alignment_tells_the_domains_apart_where_a_shared_part_makes_every_raw_cosine_high():
+    common, a, b = 10 * torch.eye(3)[0], torch.eye(3)[1], torch.eye(3)[2]
+    real_a, fake_b = torch.stack([common + a] * 4), torch.stack([common + b] * 4)
+    origin = torch.stack([common + a, common + b]).mean(0)  # the mean of every domain's real images
+    assert alignment(real_a, fake_b) > 0.98  # raw: any image looks aligned
+    assert alignment(real_a, fake_b, origin=origin) == pytest.approx(-1.0)
+    assert alignment(real_a, real_a, origin=origin) == pytest.approx(1.0)
+
+
 def test_alignment_identical_is_one_and_opposite_is_minus_one():
     f = torch.randn(10, 8)
     same = f[0:1].repeat(5, 1)

@@ -155,6 +155,7 @@ def write_report(cfg: config.Config, out: Path, summary: dict, data: Path | None
                 "evaluator-FID",
                 "KID",
                 "alignment",
+                "centred alignment",
                 "clustering ARI",
                 "bytes up/round",
                 "bytes down/round",
@@ -164,6 +165,7 @@ def write_report(cfg: config.Config, out: Path, summary: dict, data: Path | None
         ),
         "fid_ratio": ratio(c["fid"], f["fid"]),
         "alignment_ratio": ratio(c["alignment"], f["alignment"]),
+        "centred_alignment_ratio": ratio(c["alignment_centred"], f["alignment_centred"]),
         "hybrid": hybrid(strategies["cluster"]["final"]),
         "per_client": markdown_table(
             ["client", "domain"] + [f"{LABELS[s].split(' ')[0]} {k}" for s in STRATEGIES for k in ("style", "class", "FID")],

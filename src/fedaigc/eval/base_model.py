@@ -8,7 +8,7 @@ from pathlib import Path
 from fedaigc.data.dataset import ImageFolder, ensure_dataset, split
 from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.report import save_grid, save_images
-from fedaigc.eval.scoring import heldout_accuracy, score
+from fedaigc.eval.scoring import heldout_accuracy, real_feature_mean, score
 from fedaigc.model.base import load_model
 from fedaigc.model.sampling import generate
 
@@ -51,6 +51,7 @@ def evaluate_base(
     }
     result["evaluator"]["seconds"] = round(time.perf_counter() - t0, 1)
     real = data.stack(test)
+    real_mean = real_feature_mean(evaluator, real)
     rows, labels = [], []
     for dom in data.domains:
         rows.append(data.stack([s for s in test if s.domain == dom][:12]))
@@ -65,7 +66,7 @@ def evaluate_base(
             idx = [i for i, s in enumerate(gen_data.samples) if s.domain == dom]
             data.check_domains([dom])
             real_dom = data.stack([s for s in test if s.domain == dom])
-            per_domain[dom] = score(evaluator, images[idx], real_dom, dom, [asked[i] for i in idx], threshold)
+            per_domain[dom] = score(evaluator, images[idx], real_dom, dom, [asked[i] for i in idx], threshold, real_mean)
         result["samples"] = {"folder": str(samples_dir), "per_domain": per_domain}
         return result
     model = load_model(model_dir, dtype=cfg.model.dtype, resolution=cfg.model.resolution)
@@ -73,7 +74,7 @@ def evaluate_base(
     t0 = time.perf_counter()
     images = class_samples(model, cfg, classes, per_class, progress)
     seconds = time.perf_counter() - t0
-    base = score(evaluator, images, real, None, [c for c in classes for _ in range(per_class)], threshold)
+    base = score(evaluator, images, real, None, [c for c in classes for _ in range(per_class)], threshold, real_mean)
     base["seconds"] = round(seconds, 1)
     base["samples"] = len(images)
     result["base_model"] = {"model": str(model_dir or "embedded default"), **base}

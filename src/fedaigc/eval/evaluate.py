@@ -17,7 +17,7 @@ from fedaigc.eval.evaluator import evaluator_for
 from fedaigc.eval.metrics import clustering_ari
 from fedaigc.eval.report import save_images
 from fedaigc.eval.run_report import write_run_report
-from fedaigc.eval.scoring import SCORES, score
+from fedaigc.eval.scoring import SCORES, real_feature_mean, score
 from fedaigc.inference.device import InferenceServer, PersonalModel
 from fedaigc.inference.device import generate as hybrid_generate
 from fedaigc.server.rundir import RunDir, write_json
@@ -66,6 +66,7 @@ def evaluate_run(
     folder = ImageFolder(ensure_dataset(data, cfg), size=cfg.data.size)
     train, test = split(folder.samples, cfg.data.held_out, cfg.data.seed)
     evaluator = evaluator_for(folder, train, cfg.evaluator, progress=progress)
+    real_mean = real_feature_mean(evaluator, folder.stack(test))
     aggregator = make_strategy(cfg)
     run.restore(aggregator, at_round or run.last_round())
     if global_stack and (cfg.federation.strategy != "cluster" or aggregator.global_adapter is None):
@@ -102,7 +103,7 @@ def evaluate_run(
         images, device_seconds = made.images, device_seconds + made.device_seconds
         save_images(images, samples / f"client_{cid}")
         real = folder.stack([s for s in test if s.domain == client.domain])
-        s = score(evaluator, images, real, client.domain, classes, cfg.evaluator.confidence)
+        s = score(evaluator, images, real, client.domain, classes, cfg.evaluator.confidence, real_mean)
         per_client[str(cid)] = {"domain": client.domain, **s}
         log.info(
             "client %d (%s): style %.0f%%, class %.0f%%, evaluator-FID %.1f",

@@ -4,7 +4,8 @@
   least the threshold; the top-guess share is reported beside it.
 - evaluator-FID / KID: torchmetrics' FID and KID with a caller-given feature extractor (the
   evaluator's penultimate layer), never a downloaded Inception.
-- latent alignment: mean cosine similarity of generated features to the centroid of real ones.
+- latent alignment: mean cosine similarity of generated features to the centroid of real ones,
+  raw and centred on the mean of all real images.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ def confident_accuracy(probs: torch.Tensor, target: int | torch.Tensor, threshol
     return {"confident": (right & (p >= threshold)).float().mean().item(), "top": right.float().mean().item()}
 
 
-def alignment(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
-    """Mean cosine similarity of each generated feature vector to the real features' centroid."""
-    centroid = real_features.mean(0, keepdim=True)
-    return torch.nn.functional.cosine_similarity(fake_features, centroid, dim=-1).mean().item()
+def alignment(real_features: torch.Tensor, fake_features: torch.Tensor, origin: torch.Tensor | None = None) -> float:
+    """Mean cosine similarity of each generated feature vector to the real features' centroid, with
+    every vector measured from `origin` (None: from 0, the spec's alignment). From the mean of all
+    real images (every domain), it is the centred alignment: features share a large common part, so
+    the raw cosine is high for any image, and the centred one says whether an image leans towards its
+    own domain's centroid rather than the others'."""
+    origin = torch.zeros(real_features.shape[-1]) if origin is None else origin
+    centroid = real_features.mean(0, keepdim=True) - origin
+    return torch.nn.functional.cosine_similarity(fake_features - origin, centroid, dim=-1).mean().item()
 
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module, kid_subsets: int = 50) -> dict[str, float]:

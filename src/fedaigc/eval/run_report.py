@@ -50,14 +50,14 @@ def write_run_report(root: Path, metrics: dict, image_size: int, per_row: int = 
         "server_steps": inference["server_steps"] if inference.get("hybrid") else None,  # None: on the devices alone
         "per_row": per_row,
         "mean": markdown_table(
-            ["style acc", "style top", "class acc", "class top", "evaluator-FID", "KID", "alignment"],
+            ["style acc", "style top", "class acc", "class top", "evaluator-FID", "KID", "alignment", "centred alignment"],
             [[final["mean"][k] for k in SCORES]],
         ),
         "per_client": markdown_table(
-            ["client", "domain", "cluster", "style acc", "class acc", "evaluator-FID", "alignment"],
+            ["client", "domain", "cluster", "style acc", "class acc", "evaluator-FID", "alignment", "centred alignment"],
             [
                 [c, per_client[c]["domain"], last.get(c, "-")]
-                + [per_client[c][k] for k in ("style_acc", "class_acc", "fid", "alignment")]
+                + [per_client[c][k] for k in ("style_acc", "class_acc", "fid", "alignment", "alignment_centred")]
                 for c in clients
             ],
         ),

@@ -7,7 +7,7 @@ import torch
 from fedaigc.eval.evaluator import Evaluator
 from fedaigc.eval.metrics import alignment, confident_accuracy, fid_kid
 
-SCORES = ("style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment")  # per client, and their means
+SCORES = ("style_acc", "style_top", "class_acc", "class_top", "fid", "kid", "alignment", "alignment_centred")  # per client
 
 
 def score(
@@ -17,9 +17,11 @@ def score(
     domain: str | None,
     classes_asked: list[str],
     threshold: float,
+    real_mean: torch.Tensor,
 ) -> dict[str, float]:
     """Style accuracy (for `domain`), class accuracy (for the class each image was asked for),
-    evaluator-FID, KID and latent alignment against `real` images of the same domain."""
+    evaluator-FID, KID and latent alignment against `real` images of the same domain, raw and from
+    `real_mean`, the evaluator features' mean over the real images of every domain (`real_feature_mean`)."""
     pred = evaluator.predict(generated)
     real_features = evaluator.predict(real)["features"]
     out: dict[str, float] = {}
@@ -31,8 +33,14 @@ def score(
     out["class_acc"], out["class_top"] = cls["confident"], cls["top"]
     out.update(fid_kid(real, generated, evaluator))
     out["alignment"] = alignment(real_features, pred["features"])
+    out["alignment_centred"] = alignment(real_features, pred["features"], origin=real_mean)
     out["domain_shares"] = {d: (pred["domain"].argmax(-1) == i).float().mean().item() for i, d in enumerate(evaluator.domains)}
     return out
+
+
+def real_feature_mean(evaluator: Evaluator, real: torch.Tensor) -> torch.Tensor:
+    """The origin of the centred alignment: the mean evaluator feature of real images of every domain."""
+    return evaluator.predict(real)["features"].mean(0)
 
 
 def heldout_accuracy(

@@ -200,7 +200,8 @@ def versus_fedavg(results: list[Result]) -> str | None:
     c, f = by["cluster"], by["fedavg"]
     return (
         f"Ours / FedAvg: evaluator-FID ratio {ratio(c.mean('fid'), f.mean('fid')):.2f} (paper: 0.6), latent alignment "
-        f"ratio {ratio(c.mean('alignment'), f.mean('alignment')):.2f} (paper: 1.4)."
+        f"ratio {ratio(c.mean('alignment'), f.mean('alignment')):.2f} (paper: 1.4), centred alignment ratio "
+        f"{ratio(c.mean('alignment_centred'), f.mean('alignment_centred')):.2f}."
     )
 
 

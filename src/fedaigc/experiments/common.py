@@ -38,6 +38,7 @@ TABLE = {  # results.csv column -> quality-table header
     "fid": "evaluator-FID",
     "kid": "KID",
     "alignment": "alignment",
+    "alignment_centred": "centred alignment",
     "ari": "clustering ARI",
 }
 
@@ -115,7 +116,7 @@ def numbers(metrics: dict, key: str = "final") -> dict[str, float]:
     """One run's score `key` as flat columns: the means over clients, style accuracy and
     evaluator-FID per domain, clustering, training cost per round and generation cost per image."""
     final = metrics[key]
-    row = {k: final["mean"][k] for k in SCORES}
+    row = {k: final["mean"].get(k, math.nan) for k in SCORES}  # nan: a score the run's fedaigc did not have ("-")
     per_client = list(final["per_client"].values())
     for domain in sorted({p["domain"] for p in per_client}):
         mine = [p for p in per_client if p["domain"] == domain]

@@ -158,6 +158,7 @@ def write_report(plan: Plan, results: list[Result], points: list[tuple[float, st
                 r.cell("fid", 1),
                 r.cell("kid"),
                 r.cell("alignment"),
+                r.cell("alignment_centred"),
             ]
         )
     shown_rows = []
@@ -181,6 +182,7 @@ def write_report(plan: Plan, results: list[Result], points: list[tuple[float, st
             "evaluator-FID",
             "KID",
             "alignment",
+            "centred alignment",
         ],
         rows,
     )
