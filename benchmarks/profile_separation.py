@@ -164,12 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         seeds = [int(s) for s in (args.seeds or "0,1,2,3,4").split(",")]
         n = args.clients or fed.num_clients
-        print(f"{args.styles} styles, {n} clients, profiling pass {fed.profile_steps} steps at timestep bias "
-              f"{base.client.timestep_bias} and its repeat")
-    print(f"raw: first passes at merge_similarity {fed.merge_similarity}; rho: both at merge_agreement {fed.merge_agreement}; "
-          "sep: 1 - separation of both at 0 (separation below the noise; a candidate, not the server's rule)")
-    print(f"{'seed':>4s} {'rule':>4s} {'ARI':>5s} {'K':>2s} {'last within':>11s} {'first across':>12s} {'seconds':>7s} "
-          f"{'lone':>5s} {'partial':>7s}")
+        print(
+            f"{args.styles} styles, {n} clients, profiling pass {fed.profile_steps} steps at timestep bias "
+            f"{base.client.timestep_bias} and its repeat"
+        )
+    print(
+        f"raw: first passes at merge_similarity {fed.merge_similarity}; rho: both at merge_agreement {fed.merge_agreement}; "
+        "sep: 1 - separation of both at 0 (separation below the noise; a candidate, not the server's rule)"
+    )
+    print(
+        f"{'seed':>4s} {'rule':>4s} {'ARI':>5s} {'K':>2s} {'last within':>11s} {'first across':>12s} {'seconds':>7s} "
+        f"{'lone':>5s} {'partial':>7s}"
+    )
     for seed in seeds:
         if args.load is not None:
             saved = np.load(files[seed])
@@ -184,8 +190,11 @@ def main(argv: list[str] | None = None) -> None:
                 saved = {"gram": g, "layer_grams": per_layer, "domains": np.array(domains), "n": n, "seconds": seconds}
                 np.savez(args.save / f"{args.styles}_seed{seed}.npz", **saved)
         for name, ari, k, within, across, lone, partial in rows(centre(g) if args.centred else g, domains, fed):
-            print(f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f} {lone:>5s} {partial:>7s}",
-                  flush=True)
+            print(
+                f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f} {lone:>5s} {partial:>7s}",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -330,6 +330,7 @@ def one_of(choices: tuple[str, ...]) -> Rule:
 
 def each(rule: Rule, nonempty: bool = False) -> Rule:
     """A list whose every item obeys `rule` (and that has one at least, with `nonempty`)."""
+
     def ok(xs) -> bool:
         return (bool(xs) or not nonempty) and all(rule.ok(x) for x in xs)
 

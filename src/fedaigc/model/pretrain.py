@@ -102,7 +102,7 @@ def _join(tree, tensors: dict[str, torch.Tensor]):
     """The inverse of `_split`."""
     if not isinstance(tree, dict):
         return tree
-    (kind, value), = tree.items()
+    ((kind, value),) = tree.items()
     if kind == "tensor":
         return tensors[value]
     if kind == "dict":

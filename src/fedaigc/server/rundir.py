@@ -251,8 +251,9 @@ class RunDir:
         if not done:
             return
         if cfg.federation.rounds < done:
-            raise UserError(f"{self.root} has {done} rounds done: "
-                f"federation.rounds must be >= {done}, got {cfg.federation.rounds}")
+            raise UserError(
+                f"{self.root} has {done} rounds done: federation.rounds must be >= {done}, got {cfg.federation.rounds}"
+            )
         if allow_change:
             return
         before = _flat(tomllib.loads(self._record(done)["config"]))

@@ -30,7 +30,7 @@ def saved_run(root: Path) -> tuple[config.Config, Path | None, Path | None]:
     sources = root / "sources.json"
     saved = read_json(sources) if sources.exists() else {}
     if not (isinstance(saved, dict) and all(isinstance(saved.get(k, ""), str) for k in ("data", "model"))):
-        raise UserError(f"{sources} is corrupt: expected {{\"data\": folder, \"model\": folder}}")
+        raise UserError(f'{sources} is corrupt: expected {{"data": folder, "model": folder}}')
     return cfg, Path(saved["data"]) if saved.get("data") else None, Path(saved["model"]) if saved.get("model") else None
 
 
