@@ -19,7 +19,7 @@ without building a model, and `--centred` first removes the federation's mean pa
 (a diagnostic: the server does not centre).
 
     python benchmarks/profile_separation.py [--styles default|heldout] [--seeds 0,1,2,3,4] [--clients 8]
-        [--save DIR | --load DIR [--centred]]
+        [--save DIR | --load DIR [--centred] [--candidates]]
 """
 
 from __future__ import annotations
@@ -75,6 +75,30 @@ def separation(gram: np.ndarray) -> np.ndarray:
     z = np.divide(delta, noise, out=np.zeros_like(delta), where=noise > 0)
     np.fill_diagonal(z, 0.0)
     return z
+
+
+def noise_twin_candidates(gram: np.ndarray) -> dict[str, np.ndarray]:
+    """Labels of three more candidates (`--candidates`; docs/results.md), from the cross-pass Gram
+    S = (⟨A_i, B_j⟩ + ⟨B_i, A_j⟩)/2 (the noise-free ⟨m_i, m_j⟩ without bias) and the Gram D of the half
+    pass differences (A_i − B_i)/2 (pure noise with the mean passes' spread): `centred`, the noise-
+    corrected cosine of S centred on the clients' mean, cut at 0.5; `rho_K` and `centred_K`, ρ and
+    that centred cosine cut into K = 1 + the eigenvalues of H S H above the largest of H D H."""
+    n = len(gram) // 2
+    a, ab, b = gram[:n, :n], gram[:n, n:], gram[n:, n:]
+    h = np.eye(n) - 1.0 / n
+    signal, noise = h @ ((ab + ab.T) / 2) @ h, h @ ((a + b - ab - ab.T) / 4) @ h
+    d = np.diag(signal)
+    centred = np.full((n, n), -1.0)
+    ok = d > 0
+    centred[np.ix_(ok, ok)] = signal[np.ix_(ok, ok)] / np.sqrt(np.outer(d[ok], d[ok]))
+    np.fill_diagonal(centred, 1.0)
+    centred = np.clip(centred, -1.0, 1.0)
+    k = 1 + int((np.linalg.eigvalsh(signal) > np.linalg.eigvalsh(noise).max()).sum())
+    return {
+        "centred": cluster_similarity(centred, 0.5),
+        "rho_K": cluster_similarity(reference_similarity(gram), k=k),
+        "centred_K": cluster_similarity(centred, k=k),
+    }
 
 
 def centre(g: np.ndarray) -> np.ndarray:
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save", type=Path, default=None, help="write each seed's Gram matrix to DIR/<styles>_seed<N>.npz")
     ap.add_argument("--load", type=Path, default=None, help="evaluate the Gram matrices saved in DIR instead of training")
     ap.add_argument("--centred", action="store_true", help="remove the mean pass from every pass first (diagnostic)")
+    ap.add_argument("--candidates", action="store_true", help="also the ARI and K of `noise_twin_candidates`")
     args = ap.parse_args(argv)
     base = preset("demo")
     base.data.styles = args.styles
@@ -194,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{seed:4d} {name:>4s} {ari:5.2f} {k:2d} {within:11.3f} {across:12.3f} {seconds:7.0f} {lone:>5s} {partial:>7s}",
                 flush=True,
             )
+        if args.candidates:
+            for name, labels in noise_twin_candidates(g).items():
+                print(f"{seed:4d} {name}: ARI {clustering_ari(domains, list(labels)):.2f}, K {len(set(labels))}")
 
 
 if __name__ == "__main__":
