@@ -45,12 +45,12 @@ def evaluate_base(
     t0 = time.perf_counter()
     evaluator = evaluator_for(data, train, cfg.evaluator, evaluator_path, progress=progress)
     threshold = cfg.evaluator.confidence
+    real = data.stack(test)
     result = {
         "threshold": threshold,
-        "evaluator": heldout_accuracy(evaluator, data.stack(test), [s.domain for s in test], [s.cls for s in test], threshold),
+        "evaluator": heldout_accuracy(evaluator, real, [s.domain for s in test], [s.cls for s in test], threshold),
     }
     result["evaluator"]["seconds"] = round(time.perf_counter() - t0, 1)
-    real = data.stack(test)
     real_mean = real_feature_mean(evaluator, real)
     rows, labels = [], []
     for dom in data.domains:

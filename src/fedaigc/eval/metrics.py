@@ -26,13 +26,12 @@ def confident_accuracy(probs: torch.Tensor, target: int | torch.Tensor, threshol
     return {"confident": (right & (p >= threshold)).float().mean().item(), "top": right.float().mean().item()}
 
 
-def alignment(real_features: torch.Tensor, fake_features: torch.Tensor, origin: torch.Tensor | None = None) -> float:
+def alignment(real_features: torch.Tensor, fake_features: torch.Tensor, origin: torch.Tensor | float = 0.0) -> float:
     """Mean cosine similarity of each generated feature vector to the real features' centroid, with
-    every vector measured from `origin` (None: from 0, the spec's alignment). From the mean of all
+    every vector measured from `origin` (0: the spec's alignment). From the mean of all
     real images (every domain), it is the centred alignment: features share a large common part, so
     the raw cosine is high for any image, and the centred one says whether an image leans towards its
     own domain's centroid rather than the others'."""
-    origin = torch.zeros(real_features.shape[-1]) if origin is None else origin
     centroid = real_features.mean(0, keepdim=True) - origin
     return torch.nn.functional.cosine_similarity(fake_features - origin, centroid, dim=-1).mean().item()
 
